@@ -1,0 +1,313 @@
+"""GPT-2, numerically identical to HF transformers' GPT2LMHeadModel, with a KV cache for generation.
+
+References: OpenAI's GPT-2 (tensorflow), HF transformers' modeling_gpt2.py, nanoGPT's model.py.
+Parameter names follow HF (`transformer.h.0.attn.c_attn.weight`, ...) but every projection is
+an `nn.Linear`, so HF's Conv1D weights are transposed on import (utils/hf_mapping.py).
+Nothing in here knows about distributed training: utils/ applies FSDP to this plain model.
+"""
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257        # GPT-2's BPE vocabulary (50256 merges + <|endoftext|>)
+    block_size: int = 1024         # maximum context length (HF: n_positions)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    embed_dropout: float = 0.0     # HF: embd_pdrop
+    attn_dropout: float = 0.0      # HF: attn_pdrop
+    resid_dropout: float = 0.0     # HF: resid_pdrop
+    layer_norm_epsilon: float = 1e-5
+    pad_vocab_multiple: int = 1    # round the embedding rows up to a multiple of this (64 is faster)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPT2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPT2Config field(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),           # 124M
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),   # 350M
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),    # 774M
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),       # 1558M
+    # Small presets for CPU runs: tiny for tests, mini for the quickstart.
+    "gpt2-tiny": GPT2Config(n_layer=2, n_head=2, n_embd=128, block_size=128),
+    "gpt2-mini": GPT2Config(n_layer=4, n_head=4, n_embd=256, block_size=256),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_dropout = config.attn_dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if cache is None:
+            # Causal and right padding need no mask: padded positions only ever look left.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            k, v = cache.update(k, v)  # (B, nh, L, hs): everything cached so far, this step included
+            if cache.attn_mask is None:
+                # Prefill of equal-length prompts is plain causal; a 1-token step sees all the cache.
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attn_mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of left-padded sequences.
+
+    Holds at most `block_size` positions. `valid` marks real (non-padding) tokens of the
+    window; with no padding at all, attention runs on the fast mask-free path.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+        self.layer = 0   # layer being written during a forward pass
+        self.valid = None  # (B, length) bool, or None when there is no padding
+        self.attn_mask = None
+
+    def begin(self, new_valid):
+        """Start a forward pass of T new tokens; `new_valid` (B, T) bool or None. Returns position ids."""
+        T = new_valid.size(1) if new_valid is not None else None
+        if new_valid is not None or self.valid is not None:
+            B = self.k.size(1)
+            if new_valid is None:
+                new_valid = torch.ones(B, T, dtype=torch.bool, device=self.k.device)
+            old = self.valid if self.valid is not None else torch.ones(B, self.length, dtype=torch.bool, device=self.k.device)
+            self.valid = torch.cat([old, new_valid], dim=1)  # (B, L)
+            L, T = self.valid.size(1), new_valid.size(1)
+            causal = torch.ones(T, L, dtype=torch.bool, device=self.k.device).tril(diagonal=L - T)
+            mask = causal[None] & self.valid[:, None, :]  # (B, T, L)
+            # A padding query would see no key at all (NaN); let it see itself, its output is unused.
+            mask |= _diag(T, L, self.k.device)[None]
+            self.attn_mask = mask[:, None]  # (B, 1, T, L)
+            positions = (self.valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, L - T:]  # (B, T)
+            self.layer = 0
+            return positions
+        self.layer = 0
+        return None
+
+    def update(self, k, v):
+        T = k.size(2)
+        end = self.length + T
+        self.k[self.layer, :, :, self.length:end] = k
+        self.v[self.layer, :, :, self.length:end] = v
+        out = self.k[self.layer, :, :, :end], self.v[self.layer, :, :, :end]
+        self.layer += 1
+        return out
+
+    def advance(self, T):
+        self.length += T
+
+
+def _diag(T, L, device):
+    """(T, L) bool with True where query i (the last T of L positions) meets its own key."""
+    return torch.arange(L, device=device)[None, :] == (torch.arange(T, device=device) + L - T)[:, None]
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.embed_dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied lm_head is counted once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None, valid=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean loss over targets != -100 or None).
+
+        `cache`/`valid` are for generation only: a KVCache to read and extend, and (B, T) bool
+        marking real tokens of left-padded prompts.
+        """
+        B, T = idx.size()
+        if cache is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)[None]  # (1, T)
+        else:
+            pos = cache.begin(valid)
+            if pos is None:
+                pos = torch.arange(cache.length, cache.length + T, dtype=torch.long, device=idx.device)[None]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows never take probability mass
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True):
+        """Continue `idx` by up to `max_new_tokens` tokens; returns prompt and new tokens together.
+
+        idx: a (B, T) LongTensor of equal-length prompts -> (B, T + n) tensor, rows that stopped
+        early padded with their stop token; or a list of token-id lists of any lengths -> a list
+        of lists, each ending at its stop token (included) if one was produced.
+        temperature 0 is greedy. Past `block_size` the model sees the last `block_size` tokens,
+        exactly as if the whole window were recomputed each step.
+        """
+        from models.sampling import sample_next_token, check_sampling_args  # keeps this file about the model
+        check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+        ragged = not torch.is_tensor(idx)
+        device = self.transformer.wte.weight.device
+        if ragged:
+            if not idx or any(len(p) == 0 for p in idx):
+                raise ValueError("every prompt needs at least one token")
+            lengths = [len(p) for p in idx]
+            T0 = max(lengths)
+            seq = torch.zeros(len(idx), T0, dtype=torch.long, device=device)
+            valid = torch.zeros(len(idx), T0, dtype=torch.bool, device=device)
+            for i, p in enumerate(idx):
+                seq[i, T0 - len(p):] = torch.as_tensor(p, dtype=torch.long)
+                valid[i, T0 - len(p):] = True
+            if all(n == T0 for n in lengths):
+                valid = None
+        else:
+            if idx.dim() != 2 or idx.size(1) == 0:
+                raise ValueError("idx must be a (batch, time) tensor with at least one token")
+            seq, valid = idx.to(device), None
+        B = seq.size(0)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        was_training = self.training
+        self.eval()
+        cache = None
+        window = self.config.block_size
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(seq[:, -window:]) if valid is None else self._forward_window(seq, valid, window, None)
+            elif cache is None or cache.length >= window:
+                # (Re)fill the cache from the last `window` tokens; positions restart at the window's first real token.
+                cache = KVCache(self.config, B, device, self.transformer.wte.weight.dtype)
+                logits, _ = self._forward_window(seq, valid, window, cache)
+            else:
+                logits, _ = self(seq[:, -1:], cache=cache, valid=None if valid is None else valid[:, -1:])
+            logits = logits[:, -1, :].float()
+            next_token = sample_next_token(logits, seq, valid, temperature, top_k, top_p, repetition_penalty, generator)
+            if stop.numel():
+                next_token = torch.where(finished, seq[:, -1], next_token)  # finished rows repeat their stop token
+                finished |= torch.isin(next_token, stop)
+            seq = torch.cat([seq, next_token[:, None]], dim=1)
+            if valid is not None:
+                valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            if stop.numel() and bool(finished.all()):
+                break
+        self.train(was_training)
+        if not ragged:
+            return seq
+        out = []
+        for i, n in enumerate(lengths):
+            row = seq[i, T0 - n:].tolist()
+            new = row[n:]
+            for j, t in enumerate(new):
+                if t in stop_tokens:
+                    new = new[: j + 1]
+                    break
+            out.append(row[:n] + new)
+        return out
+
+    def _forward_window(self, seq, valid, window, cache):
+        ctx = seq[:, -window:]
+        ctx_valid = None if valid is None else valid[:, -window:]
+        if cache is None:  # no-cache reference path with padding: a throwaway cache does the masking
+            cache = KVCache(self.config, seq.size(0), seq.device, self.transformer.wte.weight.dtype)
+        return self(ctx, cache=cache, valid=ctx_valid)
