@@ -206,8 +206,11 @@ class GPT2LMHeadModel(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, valid=None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean loss over targets != -100 or None).
+    def forward(self, idx, targets=None, cache=None, valid=None, reduction="mean"):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss over targets != -100 or None).
+
+        `reduction`: "mean" over target tokens, or "sum" (the training loop divides by the number
+        of target tokens in the whole accumulation window across ranks).
 
         `cache`/`valid` are for generation only: a KVCache to read and extend, and (B, T) bool
         marking real tokens of left-padded prompts.
@@ -231,7 +234,8 @@ class GPT2LMHeadModel(nn.Module):
             logits = logits[..., : self.config.vocab_size]  # padding rows never take probability mass
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
         return logits, loss
 
     @torch.no_grad()
