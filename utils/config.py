@@ -79,7 +79,18 @@ def _type_name(tp):
 
 
 def field_comments(cfg_cls) -> dict:
-    """The comment that documents each field in the config module (trailing, or the lines above)."""
+    """The comment that documents each field in the config modules (trailing, or the lines above).
+
+    Walks the class hierarchy so a subclass that only changes a default keeps its base's comment.
+    """
+    docs = {}
+    for klass in reversed(cfg_cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update({k: v for k, v in _class_comments(klass).items() if v or k not in docs})
+    return docs
+
+
+def _class_comments(cfg_cls) -> dict:
     try:
         source = inspect.getsource(cfg_cls)
     except (OSError, TypeError):
@@ -87,8 +98,13 @@ def field_comments(cfg_cls) -> dict:
     docs, pending = {}, []
     for line in source.splitlines():
         stripped = line.strip()
+        if not stripped:
+            pending = []
+            continue
         if stripped.startswith("#"):
-            pending.append(stripped.lstrip("# ").strip())
+            text = stripped.lstrip("# ").strip()
+            if not text.startswith("---"):  # section headers are for readers of the file, not --help
+                pending.append(text)
             continue
         m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", stripped)
         if m and not stripped.startswith(("def ", "class ", "@")):

@@ -1,0 +1,90 @@
+"""Fields shared by pretrain.py, finetune.py and finetune_lora.py.
+
+Each script's module (configs/pretrain.py, ...) subclasses this and sets its own defaults.
+Edit those files for lasting changes; override any field on the command line: --field=value.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class TrainingConfig:
+    # --- model ---
+    model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
+    max_seq_length: int = 1024           # tokens per training sequence; at most the model's block_size
+    embed_dropout: float = 0.0           # dropout on token + position embeddings
+    attn_dropout: float = 0.0            # dropout on attention probabilities
+    resid_dropout: float = 0.0           # dropout on the residual branches (attention and MLP outputs)
+    pad_vocab_multiple: int = 64         # embedding rows rounded up to a multiple of this (speed; never sampled)
+
+    # --- data ---
+    data_dir: str = ""                   # one built dataset dir (shortcut for a one-source mixture)
+
+    # --- batch ---
+    micro_batch_size: int = 8            # sequences per rank per forward/backward
+    gradient_accum_steps: int = 1        # micro-steps per optimizer step; global batch = micro * accum * world size
+    global_batch_size: int = 0           # sequences per optimizer step; if > 0, sets gradient_accum_steps (must divide)
+
+    # --- optimizer: AdamW, weight decay on >=2-D weights only ---
+    max_train_iters: int = 1000          # optimizer steps
+    weight_decay: float = 0.1
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_eps: float = 1e-8
+    grad_clip: float = 1.0               # max global gradient norm; 0 disables clipping
+
+    # --- learning rate: linear warmup init_lr -> max_lr, then cosine to min_lr ---
+    init_lr: float = 0.0
+    max_lr: float = 4e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 100
+    max_decay_steps: int = 0             # step where the cosine reaches min_lr; 0 = max_train_iters
+
+    # --- evaluation and logging ---
+    eval_interval: int = 500             # evaluate every N steps (and at the end); 0 = only at the end
+    eval_iters: int = 50                 # validation micro-batches per rank per evaluation
+    log_interval: int = 10               # one log line every N steps
+    log_dir: str = "runs/train"          # TensorBoard event files
+
+    # --- checkpoints ---
+    ckpt_dir: str = "checkpoints/train"  # training checkpoints step_XXXXXXXX/ and the final model in final/
+    ckpt_interval: int = 500             # save a training checkpoint every N steps; 0 = only at the end
+    keep_last_ckpts: int = 3             # older training checkpoints are deleted
+    resume: str = ""                     # "auto" = newest complete checkpoint in ckpt_dir, a path, or "" = fresh run
+
+    # --- performance ---
+    device: str = "auto"                 # auto (cuda if available), cuda or cpu
+    mixed_precision: bool = True         # bf16 compute, fp32 master weights and gradient reduction
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    compile_model: bool = False          # torch.compile each transformer block
+    cpu_offload: bool = False            # FSDP2 parameter/gradient offload to CPU (CUDA only)
+
+    seed: int = 1337
+
+    def resolve_batch(self, world_size: int):
+        """Derive gradient_accum_steps from global_batch_size for this world size (if set)."""
+        from utils.config import ConfigError
+        if self.global_batch_size:
+            per_step = self.micro_batch_size * world_size
+            if self.global_batch_size % per_step:
+                raise ConfigError(f"--global_batch_size={self.global_batch_size} is not divisible by micro_batch_size x "
+                                  f"world size = {self.micro_batch_size} x {world_size}; choose sizes that divide")
+            self.gradient_accum_steps = self.global_batch_size // per_step
+
+    def validate(self):
+        from utils.config import ConfigError
+        positive = ["max_seq_length", "micro_batch_size", "gradient_accum_steps", "eval_iters", "log_interval", "keep_last_ckpts"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_iters", "eval_interval", "ckpt_interval", "warmup_steps", "max_decay_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (0 <= self.min_lr <= self.max_lr and 0 <= self.init_lr <= self.max_lr):
+            raise ConfigError(f"need 0 <= init_lr, min_lr <= max_lr; got init_lr={self.init_lr} max_lr={self.max_lr} min_lr={self.min_lr}")
+        if self.global_batch_size < 0:
+            raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")

@@ -1,0 +1,34 @@
+"""Pretrain GPT-2 from scratch on one or several built datasets (FSDP2 under torchrun).
+
+    torchrun --standalone --nproc_per_node 8 pretrain.py --model_type=gpt2 --data_dir=data/built
+    python pretrain.py --help          # every field of configs/pretrain.py
+"""
+from configs.pretrain import PretrainConfig
+from custom_dataset import PretrainLoader
+from models.gpt2 import GPT2Config, GPT2LMHeadModel
+from utils.checkpoint import save_model
+from utils.config import load_config
+from utils.trainer import TrainTask, train
+
+
+def main(argv=None):
+    cfg = load_config(PretrainConfig, argv, prog="pretrain.py", description=__doc__)
+
+    def build_model():
+        config = GPT2Config.from_preset(cfg.model_type, embed_dropout=cfg.embed_dropout, attn_dropout=cfg.attn_dropout,
+                                        resid_dropout=cfg.resid_dropout, pad_vocab_multiple=cfg.pad_vocab_multiple)
+        return GPT2LMHeadModel(config)
+
+    def make_loader(split, info):
+        return PretrainLoader(cfg.sources(), split, cfg.max_seq_length, cfg.micro_batch_size,
+                              cfg.gradient_accum_steps if split == "train" else 1,
+                              rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+
+    def save_final(state_dict, model, directory):
+        save_model(model, directory, state_dict=state_dict)
+
+    return train(cfg, TrainTask("pretrain", build_model, make_loader, save_final), prog="pretrain.py")
+
+
+if __name__ == "__main__":
+    main()
