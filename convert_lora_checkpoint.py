@@ -1,0 +1,45 @@
+"""Merge a LoRA adapter into its base model, or export it for HF PEFT.
+
+    python convert_lora_checkpoint.py --base checkpoints/gpt2 --lora checkpoints/finetune_lora/final --output checkpoints/merged
+    python convert_lora_checkpoint.py --lora checkpoints/finetune_lora/final --to_peft --output exports/peft_adapter
+
+r, alpha and the targets come from the adapter's own adapter_config.json; a base model other than
+the one the adapter was trained on (other shapes or other weights) is refused.
+"""
+import argparse
+import sys
+
+from utils.checkpoint import CheckpointError, save_model
+from utils.fileio import OutputExistsError, check_output_dir
+from utils.lora_checkpoint import export_peft, merge_adapter
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="convert_lora_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="base model checkpoint dir (the adapter's pretrained_ckpt); needed to merge")
+    p.add_argument("--lora", required=True, help="adapter dir written by finetune_lora.py")
+    p.add_argument("--output", required=True, help="merged model checkpoint dir (or PEFT adapter dir with --to_peft)")
+    p.add_argument("--to_peft", action="store_true", help="export the adapter in HF PEFT's layout instead of merging")
+    p.add_argument("--skip_fingerprint", action="store_true",
+                   help="merge even if the base weights differ from the adapter's recorded base (shapes are still checked)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = p.parse_args(argv)
+    try:
+        check_output_dir(args.output, args.overwrite)
+        if args.to_peft:
+            export_peft(args.lora, args.output, overwrite=args.overwrite)
+            print(f"PEFT adapter written to {args.output}")
+            return
+        if not args.base:
+            p.error("--base is required to merge (or pass --to_peft)")
+        merged, config = merge_adapter(args.base, args.lora, check_fingerprint=not args.skip_fingerprint)
+        save_model(merged, args.output, overwrite=args.overwrite)
+        print(f"merged adapter (r={config['r']}, alpha={config['alpha']}, targets={','.join(config['targets'])}) "
+              f"into {args.base} -> {args.output}")
+    except (CheckpointError, OutputExistsError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"convert_lora_checkpoint.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

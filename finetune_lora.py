@@ -1,0 +1,37 @@
+"""LoRA fine-tuning: the base model frozen (and sharded by FSDP2 under torchrun), only the
+low-rank factors trained, saved as an adapter (adapter.safetensors + adapter_config.json).
+
+    torchrun --standalone --nproc_per_node 2 finetune_lora.py --pretrained_ckpt=checkpoints/gpt2 --data_dir=data/sft_built
+    python finetune_lora.py --help     # every field of configs/finetune_lora.py
+Merge into a plain model with convert_lora_checkpoint.py.
+"""
+from configs.finetune_lora import FinetuneLoRAConfig
+from models.lora import apply_lora, mark_only_lora_trainable
+from utils.config import load_config
+from utils.finetuning import finetune_loader, finetune_steps, load_pretrained
+from utils.lora_checkpoint import save_adapter
+from utils.trainer import TrainTask, train
+
+
+def main(argv=None):
+    cfg = load_config(FinetuneLoRAConfig, argv, prog="finetune_lora.py", description=__doc__)
+
+    def build_model():
+        model = load_pretrained(cfg)
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        return mark_only_lora_trainable(model, cfg.train_bias)
+
+    def save_final(state_dict, model, directory):
+        # state_dict holds only the trainable tensors: frozen ones are skipped when gathering.
+        save_adapter(directory, state_dict, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     targets=cfg.lora_targets, train_bias=cfg.train_bias, base_config=model.config,
+                     base_checkpoint=cfg.pretrained_ckpt)
+
+    task = TrainTask("finetune_lora", build_model, lambda split, info: finetune_loader(cfg, split, info), save_final,
+                     total_steps=lambda loader: finetune_steps(cfg, loader), ignore_frozen_params=True,
+                     extra_state={"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets)}})
+    return train(cfg, task, prog="finetune_lora.py")
+
+
+if __name__ == "__main__":
+    main()
