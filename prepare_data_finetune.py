@@ -1,0 +1,27 @@
+"""Collect fine-tuning examples from .json/.jsonl/.yml files in the common shapes (prompt/completion,
+Alpaca instruction/input/output, question/answer[/context] and SQuAD, multi-turn dialogues incl.
+chatterbot-corpus YAML) into examples.jsonl of {"prompt", "completion"[, "context"][, "history"]}
++ report.json. Next step: build_finetune_datasets.py."""
+from utils.data_cli import add_output_flags, log, parser, run
+
+PROG = "prepare_data_finetune.py"
+
+
+def main(argv=None):
+    p = parser(PROG, __doc__)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files or directories (searched recursively) of .json, .jsonl, .yml/.yaml; .gz/.bz2 too")
+    add_output_flags(p)
+    args = p.parse_args(argv)
+
+    from utils.data_finetune import prepare_finetune
+    r = prepare_finetune(args.input, args.output, overwrite=args.overwrite, log=log)
+    d = r["dropped"]
+    log(f"{PROG}: {r['files_read']} file(s) read, {len(r['files_skipped'])} skipped; {r['records']:,} records -> "
+        f"{r['examples_out']:,} examples (dropped {d['empty']:,} empty, {d['duplicate']:,} duplicates, "
+        f"{d['unanswered_turns']:,} unanswered turns; {r['bad_lines']:,} bad records skipped)")
+    log(f"{PROG}: wrote examples.jsonl and report.json to {args.output}")
+
+
+if __name__ == "__main__":
+    run(PROG, main)
