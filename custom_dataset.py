@@ -1,0 +1,330 @@
+"""Datasets for the training loop: memmapped pretraining tokens and tokenised fine-tuning examples.
+
+Both loaders draw from one GLOBAL sample order that does not depend on the number of ranks:
+optimizer step k consumes the G = micro_batch_size * grad_accum_steps * world_size samples at
+global positions [k*G, (k+1)*G), and rank r's micro-step m takes
+
+    k*G + (m*world_size + r)*micro_batch_size + [0, micro_batch_size)
+
+So 2 ranks x micro-batch b see, per step, the same samples as 1 rank x micro-batch b x 2
+accumulation steps; ranks never share a sample; and `state_dict()` (global samples consumed,
+identical on every rank) resumes at another world size exactly where the run stopped.
+
+Pretraining: a source's windows are non-overlapping: window i = tokens[i*T : i*T + T + 1]
+(x = first T, y = last T). Each epoch of a source visits every window once, in a permutation
+seeded by (seed, source, epoch). With several sources, the source of global position q is drawn
+from the weights by a counter-based RNG (seed, q // 4096): any rank can work out every source's
+cursor without talking to the others.
+
+Fine-tuning: examples are permuted per epoch with (seed, epoch); the stream runs on across epochs
+(epoch = global position // number of examples). `finetune_collate` right-pads with EOT and puts
+-100 in the labels wherever the target is a prompt token or padding. No attention mask: with
+right padding and causal attention, padding never affects a real token.
+"""
+import json
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+EOT_TOKEN = 50256
+IGNORE_INDEX = -100
+CHOICE_CHUNK = 4096
+# Domain tags: the source choices and each source's permutations come from unrelated RNG streams.
+_CHOICE_STREAM, _WINDOW_STREAM, _EXAMPLE_STREAM = 1, 2, 3
+
+
+def _check_layout(micro_batch_size, grad_accum_steps, rank, world_size, seed):
+    for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("grad_accum_steps", grad_accum_steps, 1),
+                             ("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is not below world_size {world_size}")
+
+
+class _GlobalOrder:
+    """Bookkeeping shared by both loaders: global position of the current step and micro-step."""
+
+    def _init_order(self, micro_batch_size, grad_accum_steps, rank, world_size, seed):
+        _check_layout(micro_batch_size, grad_accum_steps, rank, world_size, seed)
+        self.micro_batch_size, self.grad_accum_steps = int(micro_batch_size), int(grad_accum_steps)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.position = 0    # global samples consumed by completed optimizer steps
+        self.micro_step = 0  # next micro-step within the current step
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    def _my_offset(self) -> int:
+        """Offset of this rank's next micro-batch inside the current step."""
+        return (self.micro_step * self.world_size + self.rank) * self.micro_batch_size
+
+    def _advance(self):
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum_steps:
+            self.micro_step = 0
+            self.position += self.global_batch_size
+            return True
+        return False
+
+
+class PretrainLoader(_GlobalOrder):
+    """Batches of (x, y) windows from one or more build_pretrain_datasets.py outputs, mixed by weight."""
+
+    def __init__(self, sources, split, block_size, micro_batch_size, grad_accum_steps=1,
+                 rank=0, world_size=1, seed=0):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        sources = [(s, 1.0) if isinstance(s, (str, os.PathLike)) else tuple(s) for s in sources]
+        if not sources:
+            raise ValueError("no pretraining sources given: pass [(data_dir, weight), ...]")
+        self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
+        self.split, self.block_size = split, int(block_size)
+        self.data_dirs = [str(d) for d, _ in sources]
+        weights = np.array([float(w) for _, w in sources])
+        if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+            raise ValueError(f"source weights must be positive numbers, got {weights.tolist()}")
+        self.weights = (weights / weights.sum()).tolist()
+        self._cum_weights = np.cumsum(weights / weights.sum())
+        self._data = [self._open(d) for d in self.data_dirs]  # memmaps: opened once, never read whole
+        self.windows = [(len(a) - 1) // self.block_size if len(a) else 0 for a in self._data]
+        for d, a, w in zip(self.data_dirs, self._data, self.windows):
+            if w < 1:
+                raise ValueError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
+                                 f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or more data"
+                                 + (" (or a larger --val_fraction)" if split == "val" else ""))
+        self.source_counts = [0] * len(self._data)  # samples drawn from each source before `position`
+        self._perms, self._choice_cache, self._step = {}, {}, None
+
+    def _open(self, data_dir):
+        path = os.path.join(data_dir, f"{self.split}.bin")
+        hint = f"run build_pretrain_datasets.py --input CLEANED_DIR --output {data_dir} first"
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"pretraining data directory {data_dir} does not exist; {hint}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {data_dir} is not a built pretraining dataset; {hint}")
+        meta_path = os.path.join(data_dir, "meta.json")
+        if os.path.isfile(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("dtype", "uint16") != "uint16":
+                raise ValueError(f"{meta_path} says dtype {meta.get('dtype')!r}; this loader reads uint16 tokens")
+        if os.path.getsize(path) == 0:
+            return np.zeros(0, dtype=np.uint16)
+        return np.memmap(path, dtype=np.uint16, mode="r")
+
+    @property
+    def windows_per_epoch(self) -> int:
+        """Windows in one pass over this split (summed over sources)."""
+        return sum(self.windows)
+
+    @property
+    def source_epochs(self) -> list:
+        """Completed epochs of each source (as a float: 1.5 = half-way through the second)."""
+        return [c / w for c, w in zip(self.source_counts, self.windows)]
+
+    def _sources_of(self, start, stop) -> np.ndarray:
+        """Source index of each global position in [start, stop)."""
+        if len(self._data) == 1:
+            return np.zeros(stop - start, dtype=np.int64)
+        out = []
+        for chunk in range(start // CHOICE_CHUNK, (stop - 1) // CHOICE_CHUNK + 1):
+            if chunk not in self._choice_cache:
+                if len(self._choice_cache) > 8:
+                    self._choice_cache.pop(next(iter(self._choice_cache)))
+                u = np.random.default_rng((self.seed, _CHOICE_STREAM, chunk)).random(CHOICE_CHUNK)
+                picks = np.searchsorted(self._cum_weights, u, side="right")
+                self._choice_cache[chunk] = np.minimum(picks, len(self._data) - 1)
+            lo, hi = max(start, chunk * CHOICE_CHUNK), min(stop, (chunk + 1) * CHOICE_CHUNK)
+            out.append(self._choice_cache[chunk][lo - chunk * CHOICE_CHUNK: hi - chunk * CHOICE_CHUNK])
+        return np.concatenate(out)
+
+    def _window(self, source, j) -> int:
+        """The window of the j-th sample ever drawn from `source`."""
+        epoch, i = divmod(int(j), self.windows[source])
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) >= 2 * len(self._data):
+                self._perms.pop(next(iter(self._perms)))
+            rng = np.random.default_rng((self.seed, _WINDOW_STREAM, source, epoch))
+            self._perms[key] = rng.permutation(self.windows[source])
+        return int(self._perms[key][i])
+
+    def _step_plan(self):
+        """(source, index within that source) of every sample of the current step; the same on every rank."""
+        if self._step is None:
+            G = self.global_batch_size
+            src = self._sources_of(self.position, self.position + G)
+            j = np.empty(G, dtype=np.int64)
+            for s in range(len(self._data)):
+                mask = src == s
+                j[mask] = self.source_counts[s] + np.arange(int(mask.sum()))
+            self._step = (src, j)
+        return self._step
+
+    def next_batch(self):
+        """(x, y): int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
+        src, j = self._step_plan()
+        off, T = self._my_offset(), self.block_size
+        rows = []
+        for s, k in zip(src[off:off + self.micro_batch_size], j[off:off + self.micro_batch_size]):
+            w = self._window(int(s), k)
+            rows.append(self._data[s][w * T: w * T + T + 1])
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        if self._advance():
+            self.source_counts = [c + int(n) for c, n in zip(self.source_counts, np.bincount(src, minlength=len(self._data)))]
+            self._step = None
+        return buf[:, :-1], buf[:, 1:]
+
+    def state_dict(self) -> dict:
+        """Plain ints and lists, the same on every rank and for any world size (taken between steps)."""
+        return {"position": self.position, "micro_step": self.micro_step, "source_counts": list(self.source_counts),
+                "seed": self.seed, "block_size": self.block_size, "windows": list(self.windows)}
+
+    def load_state_dict(self, d):
+        for key, mine in (("seed", self.seed), ("block_size", self.block_size), ("windows", self.windows)):
+            if key in d and list(np.atleast_1d(d[key])) != list(np.atleast_1d(mine)):
+                raise ValueError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
+                                 f"resume with the same data, seed and block_size")
+        if len(d["source_counts"]) != len(self._data):
+            raise ValueError(f"data loader state has {len(d['source_counts'])} sources, this loader has {len(self._data)}")
+        self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))
+        self.source_counts = [int(c) for c in d["source_counts"]]
+        self._step = None
+
+
+class FinetuneBatch(NamedTuple):
+    """(input_ids, labels), both (B, T) int64; unpacks as a pair."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens that carry a loss (labels != -100): what the loss is normalised by."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def _truncate(p, c, max_seq_length):
+    """Fit prompt + completion into max_seq_length tokens: the prompt loses its start; if the
+    completion alone is too long, it keeps its start and one prompt token stays in front of it."""
+    if max_seq_length is None or len(p) + len(c) <= max_seq_length:
+        return p, c
+    if len(c) >= max_seq_length:
+        return p[-1:], c[:max_seq_length - 1]
+    return p[len(p) + len(c) - max_seq_length:], c
+
+
+def finetune_collate(examples, pad_id=EOT_TOKEN, max_seq_length=None) -> FinetuneBatch:
+    """Right-padded (input_ids, labels) from (prompt_ids, completion_ids) pairs (or dicts with those keys).
+
+    For seq = prompt + completion (at most `max_seq_length` tokens, the same meaning as
+    build_finetune_datasets.py's --max_seq_len): input_ids = seq[:-1], labels[t] = seq[t + 1] where
+    that is a completion token, else -100; padding is `pad_id` with label -100. T is the longest
+    row's length. The model is trained as model(input_ids, targets=labels).
+    """
+    if max_seq_length is not None and max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
+    rows = []
+    for ex in examples:
+        if isinstance(ex, dict):
+            ex = (ex["prompt_ids"], ex["completion_ids"])
+        p, c = (np.asarray(x, dtype=np.int64) for x in ex)
+        p, c = _truncate(p, c, max_seq_length)
+        rows.append((np.concatenate([p, c]), len(p)))
+    T = max(max(len(seq) - 1, 1) for seq, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (seq, n_prompt) in enumerate(rows):
+        seq = torch.from_numpy(seq)
+        n = len(seq) - 1
+        input_ids[b, :n] = seq[:-1]
+        first = max(n_prompt - 1, 0)  # input position whose target is the first completion token
+        labels[b, first:n] = seq[first + 1:]
+    return FinetuneBatch(input_ids, labels)
+
+
+def load_examples(path):
+    """(prompts, completions): lists of int32 arrays from a train.jsonl / val.jsonl."""
+    prompts, completions = [], []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                p, c = ex["prompt_ids"], ex["completion_ids"]
+                if not isinstance(p, list) or not isinstance(c, list) or not c:
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{lineno}: expected {{\"prompt_ids\": [...], \"completion_ids\": [...]}} "
+                                 f"with a non-empty completion; rebuild it with build_finetune_datasets.py") from None
+            prompts.append(np.asarray(p, dtype=np.int32))
+            completions.append(np.asarray(c, dtype=np.int32))
+    return prompts, completions
+
+
+class FinetuneLoader(_GlobalOrder):
+    """Batches of padded fine-tuning examples from a build_finetune_datasets.py train.jsonl / val.jsonl."""
+
+    def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
+                 max_seq_length=None, shuffle=True):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"fine-tuning data {path} not found; run build_finetune_datasets.py "
+                                    f"--input PREPARED_DIR --output {os.path.dirname(path) or '.'} first")
+        self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
+        self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
+        self._prompts, self._completions = load_examples(path)
+        if not self._prompts:
+            raise ValueError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
+                             f"(for val.jsonl: a --val_fraction above 0)")
+        self._perm = (None, None)
+
+    def __len__(self):
+        return len(self._prompts)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self) / self.global_batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample (of the global stream)."""
+        return (self.position + self.micro_step * self.world_size * self.micro_batch_size) // len(self)
+
+    def set_epoch(self, epoch: int):
+        """Jump to the first sample of `epoch` (at a step boundary)."""
+        self.position, self.micro_step = int(epoch) * len(self), 0
+
+    def _example_index(self, g) -> int:
+        epoch, i = divmod(g, len(self))
+        if not self.shuffle:
+            return i
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng((self.seed, _EXAMPLE_STREAM, epoch)).permutation(len(self)))
+        return int(self._perm[1][i])
+
+    def next_batch(self) -> FinetuneBatch:
+        """(input_ids, labels), see `finetune_collate`; `.num_targets` counts the loss tokens."""
+        start = self.position + self._my_offset()
+        picked = [self._example_index(g) for g in range(start, start + self.micro_batch_size)]
+        batch = finetune_collate([(self._prompts[i], self._completions[i]) for i in picked],
+                                 pad_id=EOT_TOKEN, max_seq_length=self.max_seq_length)
+        self._advance()
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "micro_step": self.micro_step, "seed": self.seed,
+                "num_examples": len(self), "shuffle": int(self.shuffle)}
+
+    def load_state_dict(self, d):
+        for key, mine in (("seed", self.seed), ("num_examples", len(self)), ("shuffle", int(self.shuffle))):
+            if key in d and int(d[key]) != mine:
+                raise ValueError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
+                                 f"resume with the same data, seed and shuffle")
+        self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))
