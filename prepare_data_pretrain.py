@@ -1,6 +1,5 @@
 """Clean raw text for pretraining: .txt/.json/.jsonl files (wikiextractor output too) -> cleaned
 JSON Lines shards (`{"text": ...}` a line) + report.json. Next step: build_pretrain_datasets.py."""
-import sys
 import time
 
 from utils.data_cli import add_output_flags, dir_size, human_bytes, log, non_negative_int, parser, run

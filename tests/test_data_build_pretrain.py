@@ -156,3 +156,10 @@ def test_a_vocab_larger_than_uint16_is_refused():
 def test_build_refuses_out_of_range_val_fraction(cleaned, tmp_path):
     with pytest.raises(DataError, match=r"--val_fraction must be in \[0, 1\)"):
         build_pretrain(str(cleaned), str(tmp_path / "o"), val_fraction=1.0)
+
+
+def test_compressed_input_is_refused_with_a_hint(tmp_path):
+    import gzip
+    write(tmp_path / "in" / "a.jsonl.gz", gzip.compress(b'{"text": "x"}\n'))
+    msg = fails(build_pretrain_datasets, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
+    assert "is compressed; this step reads plain .jsonl" in msg and no_output(tmp_path / "o")

@@ -215,3 +215,17 @@ def test_discovery_order_is_sorted_and_deduplicated(tmp_path):
     write(tmp_path / "d" / "wiki_01.bz2", bz2.compress(b"x"))
     files = discover_files([str(tmp_path / "d"), str(tmp_path / "d" / "b.txt")], {"txt", "json", "jsonl", "wiki"})
     assert [os.path.relpath(f, tmp_path / "d") for f in files] == ["a/y.json", "a/z.jsonl", "b.txt", "wiki_01.bz2"]
+
+
+def test_a_truncated_gzip_keeps_what_was_read(tmp_path):
+    data = gzip.compress("".join(json.dumps({"text": f"doc {i} " + "x" * 2000}) + "\n" for i in range(200)).encode())
+    src = write(tmp_path / "cut.jsonl.gz", data[: len(data) // 2])
+    docs, report = prepare([src], tmp_path / "out")
+    assert 0 < len(docs) < 200 and report["bad_lines"] == 1
+    assert "truncated or corrupt" in report["bad_line_examples"][0]["reason"]
+
+
+def test_an_existing_empty_output_dir_is_fine(tmp_path):
+    src = write(tmp_path / "a.txt", "text")
+    (tmp_path / "out").mkdir()
+    assert prepare([src], tmp_path / "out")[0] == ["text"]

@@ -14,13 +14,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_io import BadLine, DataError, discover_files
+from utils.data_io import BadLine, BadLines, DataError, discover_files, output_writer, write_json
 from utils.data_parallel import ordered_map
-from utils.fileio import atomic_dir, check_output_dir
 from utils.tokenizer import get_tokenizer
 
 CHUNK_BYTES = 4 << 20
-MAX_BAD_LINES_LISTED = 1000
 DTYPE = np.uint16
 FORMAT = "minigpt-pretrain-tokens-v1"
 
@@ -123,34 +121,36 @@ def build_pretrain(input_dir, output, val_fraction=0.0005, seed=1337, num_worker
     enc = get_tokenizer()
     check_vocab_fits(enc.n_vocab)
     files = discover_files([input_dir], {"jsonl"})
-    check_output_dir(output, overwrite, "output directory")
+    for f in files:
+        if f.endswith((".gz", ".bz2")):
+            raise DataError(f"{f} is compressed; this step reads plain .jsonl (prepare_data_pretrain.py writes it): "
+                            f"decompress the file or run prepare_data_pretrain.py on it")
+    writer = output_writer(output, overwrite)
     chunks, n_docs = plan_chunks(files, chunk_bytes or CHUNK_BYTES)
     is_val = val_mask(n_docs, val_fraction, seed)
     tasks = ((path, s, e, line, is_val[d:d + n].view(np.uint8).tobytes(), text_field)
              for path, s, e, line, d, n in chunks)
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
-    bad_total, bad_examples = 0, []
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    bad = BadLines()
+    with writer as tmp:
         with open(os.path.join(tmp, "train.bin"), "wb") as ftrain, open(os.path.join(tmp, "val.bin"), "wb") as fval:
             bar = tqdm(total=sum(e - s for _, s, e, *_ in chunks), unit="B", unit_scale=True, desc="tokenizing", disable=None)
-            for (path, s, e, *_), (train, val, n_train, n_val, bad) in zip(chunks, ordered_map(tokenize_chunk, tasks, num_workers)):
+            for (path, s, e, *_), (train, val, n_train, n_val, bad_lines) in zip(chunks, ordered_map(tokenize_chunk, tasks, num_workers)):
                 ftrain.write(train)
                 fval.write(val)
                 counts["train"][0] += len(train) // 2
                 counts["train"][1] += n_train
                 counts["val"][0] += len(val) // 2
                 counts["val"][1] += n_val
-                bad_total += len(bad)
-                bad_examples += bad[: max(0, MAX_BAD_LINES_LISTED - len(bad_examples))]
+                for b in bad_lines:
+                    bad.add(b)
                 bar.update(e - s)
                 bar.set_postfix(tokens=f"{counts['train'][0] + counts['val'][0]:.3g}")
             bar.close()
         if counts["train"][1] + counts["val"][1] == 0:
-            raise DataError(f"no documents with text in {input_dir} ({bad_total} bad line(s)); "
+            raise DataError(f"no documents with text in {input_dir} ({bad.count} bad line(s)); "
                             f"expected JSON Lines of {{\"{text_field}\": ...}} as written by prepare_data_pretrain.py")
-        if bad_total:
-            first = bad_examples[0]
-            log(f"warning: {bad_total} bad line(s) skipped (first: {first['file']}:{first['line']}: {first['reason']}); listed in meta.json")
+        bad.warn(log, "meta.json")
         meta = {
             "format": FORMAT,
             "tokenizer": "gpt2 (tiktoken r50k_base)",
@@ -161,12 +161,10 @@ def build_pretrain(input_dir, output, val_fraction=0.0005, seed=1337, num_worker
             "val_fraction": val_fraction,
             "seed": seed,
             "sources": [{"file": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
-            "bad_lines": bad_total,
-            "bad_line_examples": bad_examples,
+            "bad_lines": bad.count,
+            "bad_line_examples": bad.examples,
         }
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(tmp, "meta.json"), meta)
     return meta
 
 

@@ -16,8 +16,7 @@ import os
 from tqdm import tqdm
 
 from utils.data_build_pretrain import val_mask
-from utils.data_io import BadLine, DataError, discover_files, iter_file, jsonl_line, probe, read_lines
-from utils.fileio import atomic_dir, check_output_dir
+from utils.data_io import BadLine, BadLines, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, read_lines, write_json
 from utils.prompt_template import format_completion, format_prompt
 from utils.text_cleaning import clean_field
 from utils.tokenizer import get_tokenizer
@@ -28,7 +27,6 @@ COMPLETION_KEYS = ("completion", "answer", "output", "response", "answers")
 CONTEXT_KEYS = ("context", "input")
 USER_ROLES = {"user", "human", "prompter"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
-MAX_BAD_LINES_LISTED = 1000
 FORMAT = "minigpt-finetune-tokens-v1"
 
 _EXPECTED = ("expected prompt/completion, instruction/output, question/answer, "
@@ -162,20 +160,20 @@ def examples_from_record(rec):
 def prepare_finetune(inputs, output, overwrite=False, log=print):
     """Raw Q&A files -> output/examples.jsonl + report.json; returns the report."""
     files = discover_files(inputs, INPUT_KINDS)
-    check_output_dir(output, overwrite, "output directory")
+    writer = output_writer(output, overwrite)
     seen = set()
     report = {"inputs": [os.path.abspath(p) for p in inputs], "files_read": 0, "files_skipped": [],
               "records": 0, "examples_out": 0, "dropped": {"empty": 0, "duplicate": 0, "unanswered_turns": 0},
               "bad_lines": 0, "bad_line_examples": [], "per_file": []}
 
+    bad_lines = BadLines()
+
     def bad(b, counts):
-        report["bad_lines"] += 1
+        bad_lines.add(b)
         counts["bad_lines"] += 1
         counts.setdefault("first_bad", b)
-        if len(report["bad_line_examples"]) < MAX_BAD_LINES_LISTED:
-            report["bad_line_examples"].append(b.as_dict())
 
-    with atomic_dir(output, overwrite=overwrite) as tmp, \
+    with writer as tmp, \
             open(os.path.join(tmp, "examples.jsonl"), "w", encoding="utf-8") as out:
         for path in tqdm(files, desc="reading", unit="file", disable=None):
             problem = probe(path)
@@ -213,13 +211,12 @@ def prepare_finetune(inputs, output, overwrite=False, log=print):
             report["records"] += counts["records"]
             report["examples_out"] += counts["examples"]
             report["per_file"].append(counts)
+        report["bad_lines"], report["bad_line_examples"] = bad_lines.count, bad_lines.examples
         if report["examples_out"] == 0:
             why = "; ".join(f"{s['file']}: {s['reason']}" for s in report["files_skipped"][:3]) or \
                 f"{report['records']} record(s) read, {report['bad_lines']} bad"
             raise DataError(f"no fine-tuning examples found ({why}); {_EXPECTED}; nothing was written")
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(tmp, "report.json"), report)
     return report
 
 
@@ -268,22 +265,20 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     files = discover_files([input_dir], {"jsonl"})
-    check_output_dir(output, overwrite, "output directory")
+    writer = output_writer(output, overwrite)
     enc = get_tokenizer()
     n_lines = sum(1 for path in files for _ in read_lines(path))
     is_val = val_mask(n_lines, val_fraction, seed)
     splits = {s: {"file": f"{s}.jsonl", "examples": 0, "prompt_tokens": 0, "completion_tokens": 0, "longest": 0}
               for s in ("train", "val")}
-    truncated, too_long, bad_total, bad_examples = 0, 0, 0, []
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    truncated, too_long, bad = 0, 0, BadLines()
+    with writer as tmp:
         with open(os.path.join(tmp, "train.jsonl"), "w") as ftrain, open(os.path.join(tmp, "val.jsonl"), "w") as fval:
             for i, ex in tqdm(_read_examples(files), total=n_lines, desc="tokenizing", unit="ex", disable=None):
                 if ex is None:
                     continue
                 if isinstance(ex, BadLine):
-                    bad_total += 1
-                    if len(bad_examples) < MAX_BAD_LINES_LISTED:
-                        bad_examples.append(ex.as_dict())
+                    bad.add(ex)
                     continue
                 result = tokenize_example(ex, max_seq_len, enc)
                 if result is None:
@@ -299,11 +294,9 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
                 s["completion_tokens"] += len(c)
                 s["longest"] = max(s["longest"], len(p) + len(c))
         if splits["train"]["examples"] == 0:
-            raise DataError(f"no training examples left from {input_dir} ({bad_total} bad line(s), {too_long} with a "
+            raise DataError(f"no training examples left from {input_dir} ({bad.count} bad line(s), {too_long} with a "
                             f"completion longer than --max_seq_len {max_seq_len}); nothing was written")
-        if bad_total:
-            first = bad_examples[0]
-            log(f"warning: {bad_total} bad line(s) skipped (first: {first['file']}:{first['line']}: {first['reason']}); listed in meta.json")
+        bad.warn(log, "meta.json")
         meta = {
             "format": FORMAT,
             "tokenizer": "gpt2 (tiktoken r50k_base)",
@@ -315,12 +308,10 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
             "splits": splits,
             "truncated": truncated,
             "dropped": {"completion_too_long": too_long},
-            "bad_lines": bad_total,
-            "bad_line_examples": bad_examples,
+            "bad_lines": bad.count,
+            "bad_line_examples": bad.examples,
             "sources": [{"file": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
         }
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(tmp, "meta.json"), meta)
     return meta
 

@@ -20,9 +20,18 @@ import os
 import re
 from typing import NamedTuple
 
+from utils.fileio import atomic_dir, check_output_dir
+
 
 class DataError(Exception):
     """A user-facing error; its message is one line saying what is wrong and what to do."""
+
+
+def output_writer(output, overwrite):
+    """Refuse an existing, non-empty `output` without --overwrite now, before any work is done;
+    return the context manager that later writes it under a temporary name and renames it."""
+    check_output_dir(output, overwrite, "output directory")
+    return atomic_dir(output, overwrite=True)  # runs on `with`; absent, empty or --overwrite: checked above
 
 
 class BadLine(NamedTuple):
@@ -32,6 +41,24 @@ class BadLine(NamedTuple):
 
     def as_dict(self):
         return {"file": self.file, "line": self.line, "reason": self.reason}
+
+
+class BadLines:
+    """Counts bad lines and keeps the first `limit` of them (file, line, reason) for the report."""
+
+    def __init__(self, limit=1000):
+        self.count, self.examples, self.limit = 0, [], limit
+
+    def add(self, bad):
+        self.count += 1
+        if len(self.examples) < self.limit:
+            self.examples.append(bad if isinstance(bad, dict) else bad.as_dict())
+
+    def warn(self, log, where):
+        if self.count:
+            first = self.examples[0]
+            log(f"warning: {self.count} bad line(s) skipped (first: {first['file']}:{first['line']}: "
+                f"{first['reason']}); listed in {where}")
 
 
 class BadFile(NamedTuple):
@@ -151,6 +178,17 @@ def read_lines(path):
             yield lineno, line
 
 
+def _read_text(path):
+    """The whole file as text, or a BadLine at the first byte that is not UTF-8."""
+    with open_binary(path) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        return BadLine(path, lineno, f"not valid UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8")
+
+
 def iter_jsonl(path):
     for lineno, line in read_lines(path):
         if isinstance(line, BadLine):
@@ -246,15 +284,10 @@ def iter_json(path):
             except UnicodeDecodeError as e:
                 yield lineno, BadLine(path, lineno, f"not valid UTF-8 ({e.reason}) after line {lineno}; the rest of this file was skipped; convert it to UTF-8")
         return
-    with open_binary(path) as raw:
-        data = raw.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        lineno = data.count(b"\n", 0, e.start) + 1
-        yield lineno, BadLine(path, lineno, f"not valid UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8")
+    text = _read_text(path)
+    if isinstance(text, BadLine):
+        yield text.line, text
         return
-    del data
     try:
         yield 1, json.loads(text)
     except json.JSONDecodeError as e:
@@ -315,13 +348,9 @@ def iter_wikidoc(path):
 def iter_yaml(path):
     """(line, item) for each item of a YAML file's list ('conversations' for chatterbot), else (1, document)."""
     import yaml
-    with open_binary(path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        lineno = data.count(b"\n", 0, e.start) + 1
-        yield lineno, BadLine(path, lineno, f"not valid UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8")
+    text = _read_text(path)
+    if isinstance(text, BadLine):
+        yield text.line, text
         return
     try:
         # BaseLoader: every scalar stays a string (YAML 1.1 would read an answer "Yes" as True)
@@ -366,6 +395,12 @@ def iter_file(path, split_paragraphs=False):
     if kind == "wikidoc":
         return iter_wikidoc(path)
     raise DataError(f"{path}: unsupported file type")
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
 
 
 def jsonl_line(obj) -> str:

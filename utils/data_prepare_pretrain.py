@@ -10,16 +10,14 @@ All of it happens in a temporary directory that is renamed to the output only wh
 """
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_io import BadFile, BadLine, DataError, discover_files, iter_file, jsonl_line, probe
+from utils.data_io import BadLine, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, write_json
 from utils.data_parallel import ordered_map
-from utils.fileio import atomic_dir, check_output_dir
 from utils.text_cleaning import clean_text
 
 INPUT_KINDS = {"txt", "json", "jsonl", "wiki"}
@@ -62,13 +60,25 @@ def clean_file(task):
     if bad is not None:
         return stats, bad, np.zeros(0, np.uint64)
     hashes = []
+
+    def bad_line(b):
+        stats["bad_lines"] += 1
+        if len(stats["bad_line_examples"]) < MAX_BAD_LINES_LISTED:
+            stats["bad_line_examples"].append(b.as_dict())
+
     with open(part_path, "w", encoding="utf-8") as out:
-        for lineno, record in iter_file(path, opts.split_paragraphs):
+        lineno, records = 0, iter_file(path, opts.split_paragraphs)
+        while True:
+            try:
+                lineno, record = next(records)
+            except StopIteration:
+                break
+            except (OSError, EOFError) as e:  # a truncated .gz/.bz2: keep what was read before
+                bad_line(BadLine(path, lineno + 1, f"the file is truncated or corrupt after this point ({e}); the rest was skipped"))
+                break
             text = record if isinstance(record, BadLine) else _text_of(record, path, lineno, opts.text_field)
             if isinstance(text, BadLine):
-                stats["bad_lines"] += 1
-                if len(stats["bad_line_examples"]) < MAX_BAD_LINES_LISTED:
-                    stats["bad_line_examples"].append(text.as_dict())
+                bad_line(text)
                 continue
             stats["documents_in"] += 1
             stats["chars_in"] += len(text)
@@ -104,8 +114,8 @@ def prepare_pretrain(inputs, output, opts: PrepareOptions = None, num_workers=1,
     if opts.shard_mb <= 0:
         raise DataError(f"--shard_mb must be > 0, got {opts.shard_mb}")
     files = discover_files(inputs, INPUT_KINDS)
-    check_output_dir(output, overwrite, "output directory")
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    writer = output_writer(output, overwrite)
+    with writer as tmp:
         parts_dir = os.path.join(tmp, ".parts")
         os.makedirs(parts_dir)
         tasks = [(f, os.path.join(parts_dir, f"part-{i:06d}.jsonl"), opts) for i, f in enumerate(files)]
@@ -154,9 +164,7 @@ def prepare_pretrain(inputs, output, opts: PrepareOptions = None, num_workers=1,
             "outputs": shards,
             "per_file": per_file,
         }
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(tmp, "report.json"), report)
     return report
 
 

