@@ -180,7 +180,7 @@ class PretrainLoader(_GlobalOrder):
         if self._advance():
             self.source_counts = [c + int(n) for c, n in zip(self.source_counts, np.bincount(src, minlength=len(self._data)))]
             self._step = None
-        return buf[:, :-1], buf[:, 1:]
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
         """Plain ints and lists, the same on every rank and for any world size (taken between steps)."""

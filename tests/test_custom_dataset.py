@@ -46,7 +46,7 @@ def test_windows_x_y_and_memmap(tmp_path):
     assert isinstance(loader._data[0], np.memmap)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == torch.long
-    assert torch.equal(y, x + 1)  # y is x shifted by one
+    assert torch.equal(y, x + 1) and x.is_contiguous() and y.is_contiguous()  # y is x shifted by one
     assert all(int(r[0]) % T == 0 for r in x)  # non-overlapping windows start at multiples of T
 
 
