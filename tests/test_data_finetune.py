@@ -97,6 +97,12 @@ def test_prepare_errors(tmp_path):
     msg = fails(prepare_data_finetune, ["--input", only_bad, "--output", out])
     assert "no fine-tuning examples found (1 record(s) read, 1 bad)" in msg
     assert no_output(out)
+    good = write(tmp_path / "good.jsonl", '{"prompt": "p", "completion": "c"}\n')
+    write(os.path.join(out, "examples.jsonl"), "old")
+    msg = fails(prepare_data_finetune, ["--input", good, "--output", out])
+    assert "already exists; pass --overwrite" in msg and open(os.path.join(out, "examples.jsonl")).read() == "old"
+    msg = fails(build_finetune_datasets, ["--input", str(tmp_path / "nowhere"), "--output", out])
+    assert msg.endswith("does not exist; check the path")
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ def prepare_pretrain(inputs, output, opts: PrepareOptions = None, num_workers=1,
         sizes = [os.path.getsize(f) for f in files]
         per_file, skipped, hashes, bad_examples = [], [], [], []
         bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="cleaning", disable=None)
-        for (stats, bad, h), size in zip(ordered_map(clean_file, tasks, num_workers), sizes):
+        for (stats, bad, h), size in zip(ordered_map(clean_file, tasks, min(num_workers, len(tasks))), sizes):
             bar.update(size)
             if bad is not None:
                 skipped.append({"file": bad.file, "reason": bad.reason})
