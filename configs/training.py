@@ -57,6 +57,7 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     compile_model: bool = False          # torch.compile each transformer block
     cpu_offload: bool = False            # FSDP2 parameter/gradient offload to CPU (CUDA only)
+    cpu_threads: int = 0                 # CPU runs: threads per process; 0 = the process's share of the cores
 
     seed: int = 1337
 

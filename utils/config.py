@@ -166,5 +166,6 @@ def load_config(cfg_cls, argv=None, prog=None, description=""):
         if hasattr(cfg, "validate"):
             cfg.validate()
     except ConfigError as e:
-        sys.exit(f"{prog}: error: {e}")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     return cfg

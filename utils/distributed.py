@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.perf import configure_cpu_threads
+
 
 @dataclass
 class DistInfo:
@@ -35,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_minutes: float = 30, cpu_threads: int = 0) -> DistInfo:
     """Join torchrun's process group (RANK/WORLD_SIZE/LOCAL_RANK) or make a 1-process one."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
@@ -51,9 +53,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
         dev, backend = torch.device("cuda", local_rank), "nccl"
     elif device == "cpu":
         dev, backend = torch.device("cpu"), "gloo"
-        # torchrun pins every worker to 1 thread by default; give each its share of the cores instead.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // local_world_size))
+        if cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
+        else:
+            configure_cpu_threads(local_world_size)  # torchrun pins workers to 1 thread; give each its share
     else:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if not dist.is_initialized():
@@ -72,7 +75,7 @@ def cleanup_distributed():
 
 
 @contextlib.contextmanager
-def distributed_run(device: str = "auto", user_errors=(), prog="miniGPT"):
+def distributed_run(device: str = "auto", user_errors=(), prog="miniGPT", cpu_threads: int = 0):
     """Set up the process group; tear it down on exit.
 
     `user_errors` (exception types the user can fix) end the run with a one-line message from
@@ -80,7 +83,7 @@ def distributed_run(device: str = "auto", user_errors=(), prog="miniGPT"):
     failing rank exits at once without a collective teardown: its peers may be blocked in a
     collective, and torchrun stops them when one rank dies.
     """
-    info = init_distributed(device)
+    info = init_distributed(device, cpu_threads=cpu_threads)
     try:
         yield info
     except BaseException as e:

@@ -22,6 +22,7 @@ from utils.config import ConfigError
 from utils.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.fsdp import parallelize
 from utils.lr_schedule import lr_at
+from utils.perf import mfu, model_flops_per_token, peak_flops
 from utils.train_checkpoint import STATE_FILE, list_checkpoints, load_training_checkpoint, resolve_resume, save_training_checkpoint
 
 
@@ -50,11 +51,6 @@ def build_optimizer(model, cfg, device):
     # fused needs CUDA (or CPU plain tensors); FSDP2's DTensors on CPU take the foreach path.
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps, **kind)
-
-
-def flops_per_token(config, seq_len, n_params):
-    """Training FLOPs per token: 6 per parameter (forward + backward) + attention (PaLM, appendix B)."""
-    return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
 
 
 class StopRequest:
@@ -111,7 +107,7 @@ def train(cfg, task: TrainTask, prog=None):
 
     Errors the user can fix end the process with a one-line message (exit code 2).
     """
-    with distributed_run(cfg.device, user_errors=USER_ERRORS, prog=prog or task.name) as info:
+    with distributed_run(cfg.device, user_errors=USER_ERRORS, prog=prog or task.name, cpu_threads=cfg.cpu_threads) as info:
         return _train(cfg, task, info)
 
 
@@ -123,6 +119,8 @@ def _train(cfg, task, info):
     model = task.build_model()
     if cfg.max_seq_length > model.config.block_size:
         raise TrainingError(f"--max_seq_length={cfg.max_seq_length} exceeds the model's block_size {model.config.block_size}")
+    if resume_path is not None:
+        check_resume_compatible(resume_path, model.config)
     train_loader = task.make_loader("train", info)
     max_steps = task.total_steps(train_loader) if task.total_steps else cfg.max_train_iters
     decay_steps = cfg.max_decay_steps or max_steps
@@ -138,7 +136,6 @@ def _train(cfg, task, info):
 
     step = 0
     if resume_path is not None:
-        check_resume_compatible(resume_path, model_config)
         state = load_training_checkpoint(resume_path, model, optimizer, info, cfg.seed, task.ignore_frozen_params)
         step = state["step"]
         train_loader.load_state_dict(state["data"])
@@ -158,7 +155,8 @@ def _train(cfg, task, info):
                  f"{info.world_size} ({info.device.type}/{info.backend}), global batch {global_batch} x {cfg.max_seq_length} "
                  f"tokens, steps {step} -> {max_steps}, TensorBoard: {cfg.log_dir}")
 
-    flops_tok = flops_per_token(model_config, cfg.max_seq_length, n_params)
+    flops_tok = model_flops_per_token(model_config, cfg.max_seq_length)
+    peak = peak_flops(info.device, torch.bfloat16 if cfg.mixed_precision else torch.float32)  # measured, per rank
     history, last_eval, saved = [], None, None
     bar = tqdm(total=max_steps, initial=step, disable=not info.is_main, desc=task.name, dynamic_ncols=True)
     model.train()
@@ -176,7 +174,7 @@ def _train(cfg, task, info):
             for i, (x, y) in enumerate(batches):
                 model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once per step
                 x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                _, loss = model(x, targets=y, reduction="sum")
+                _, loss = model(x, targets=y, reduction="sum", return_logits=False)
                 # Normalise by the target tokens of the whole window on all ranks; FSDP averages
                 # gradients over ranks, so scale by world size to make that average a sum.
                 (loss * (info.world_size / max(n_tokens, 1))).backward()
@@ -197,7 +195,8 @@ def _train(cfg, task, info):
             step += 1
             dt = time.perf_counter() - t0
             tokens_per_sec = n_tokens / dt
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec}
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                      "mfu": mfu(tokens_per_sec / info.world_size, flops_tok, peak)}
             history.append(record)
             if step == start_step + 1:
                 memory = record["memory"] = sharded_bytes(model, optimizer, info)
@@ -211,12 +210,12 @@ def _train(cfg, task, info):
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/grad_norm", grad_norm, step)
                 writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-                writer.add_scalar("train/mfu", _mfu(flops_tok * n_tokens / dt, info), step)
+                writer.add_scalar("train/mfu", record["mfu"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
             if info.is_main and (step % cfg.log_interval == 0 or step == max_steps):
                 bar.write(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                          f"{tokens_per_sec:,.0f} tok/s")
+                          f"{tokens_per_sec:,.0f} tok/s | MFU {record['mfu']:.1%}")
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == max_steps:
                 last_eval = evaluate(model, task, cfg, info)
                 if metrics:
@@ -266,7 +265,7 @@ def evaluate(model, task, cfg, info):
     tokens = 0
     for _ in range(cfg.eval_iters):
         x, y = loader.next_batch()
-        _, loss = model(x.to(info.device), targets=y.to(info.device), reduction="sum")
+        _, loss = model(x.to(info.device), targets=y.to(info.device), reduction="sum", return_logits=False)
         loss_sum += loss.double()
         tokens += int((y != -100).sum())
     total, n = all_reduce_sum([loss_sum.item(), tokens], info)
@@ -285,12 +284,6 @@ def sharded_bytes(model, optimizer, info):
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, (params, optim))
     return {"params": [g[0] for g in gathered], "optimizer": [g[1] for g in gathered]}
-
-
-def _mfu(achieved_flops, info):
-    from utils.perf import peak_flops
-    peak = peak_flops(info.device)
-    return achieved_flops / info.world_size / peak if peak else 0.0
 
 
 def _print(info, msg):
