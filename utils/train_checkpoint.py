@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 from utils.fileio import atomic_file
 
@@ -56,7 +56,33 @@ def resolve_resume(resume: str, ckpt_dir: str):
 
 
 def _options(ignore_frozen_params):
-    return StateDictOptions(ignore_frozen_params=ignore_frozen_params)
+    # Without frozen parameters (LoRA) the model state is partial by design: load it non-strictly.
+    return StateDictOptions(ignore_frozen_params=ignore_frozen_params, strict=not ignore_frozen_params)
+
+
+def _canonical(name):
+    """A parameter name without the wrappers of activation checkpointing and torch.compile."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _only_trainable(model, sd):
+    # A frozen tied weight (lm_head = wte) slips through ignore_frozen_params under its second name.
+    trainable = {_canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in sd.items() if k in trainable}
+
+
+def _get_state_dicts(model, optimizer, ignore_frozen_params):
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(ignore_frozen_params))
+    if ignore_frozen_params:
+        model_sd = _only_trainable(model, model_sd)
+    return model_sd, optim_sd
+
+
+def gather_model_state_dict(model, ignore_frozen_params=False):
+    """Full (unsharded) CPU tensors on rank 0, for the final model or adapter checkpoint."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen_params)
+    sd = get_model_state_dict(model, options=options)
+    return _only_trainable(model, sd) if ignore_frozen_params else sd
 
 
 def save_training_checkpoint(ckpt_dir, step, model, optimizer, trainer_state: dict, info,
@@ -68,7 +94,7 @@ def save_training_checkpoint(ckpt_dir, step, model, optimizer, trainer_state: di
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(ignore_frozen_params))
+    model_sd, optim_sd = _get_state_dicts(model, optimizer, ignore_frozen_params)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     rng = {"cpu": torch.get_rng_state()}
     if info.device.type == "cuda":
@@ -97,7 +123,7 @@ def load_training_checkpoint(path, model, optimizer, info, seed: int, ignore_fro
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     options = _options(ignore_frozen_params)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd, optim_sd = _get_state_dicts(model, optimizer, ignore_frozen_params)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
@@ -23,7 +22,8 @@ from utils.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.fsdp import parallelize
 from utils.lr_schedule import lr_at
 from utils.perf import mfu, model_flops_per_token, peak_flops
-from utils.train_checkpoint import STATE_FILE, list_checkpoints, load_training_checkpoint, resolve_resume, save_training_checkpoint
+from utils.train_checkpoint import (STATE_FILE, gather_model_state_dict, list_checkpoints, load_training_checkpoint,
+                                    resolve_resume, save_training_checkpoint)
 
 
 class TrainingError(RuntimeError):
@@ -243,8 +243,7 @@ def _train(cfg, task, info):
         _print(info, f"stopped by signal at step {step}; checkpoint saved in {saved}; continue with --resume=auto")
         return summary
     # The final model: gathered to full tensors on rank 0 and written in the model-checkpoint format.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=task.ignore_frozen_params))
+    full = gather_model_state_dict(model, task.ignore_frozen_params)
     final_dir = os.path.join(cfg.ckpt_dir, "final")
     if info.is_main:
         task.save_final(full, model, final_dir)
