@@ -240,7 +240,7 @@ class GPT2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True):
+                 repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, callback=None):
         """Continue `idx` by up to `max_new_tokens` tokens; returns prompt and new tokens together.
 
         idx: a (B, T) LongTensor of equal-length prompts -> (B, T + n) tensor, rows that stopped
@@ -248,6 +248,7 @@ class GPT2LMHeadModel(nn.Module):
         of lists, each ending at its stop token (included) if one was produced.
         temperature 0 is greedy. Past `block_size` the model sees the last `block_size` tokens,
         exactly as if the whole window were recomputed each step.
+        callback: called with each step's (B,) new tokens (for streaming); returning True stops.
         """
         from models.sampling import sample_next_token, check_sampling_args  # keeps this file about the model
         check_sampling_args(temperature, top_k, top_p, repetition_penalty)
@@ -293,6 +294,8 @@ class GPT2LMHeadModel(nn.Module):
             seq = torch.cat([seq, next_token[:, None]], dim=1)
             if valid is not None:
                 valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            if callback is not None and callback(next_token):
+                break
             if stop.numel() and bool(finished.all()):
                 break
         self.train(was_training)

@@ -1,0 +1,93 @@
+"""Answer questions with a fine-tuned model, streaming the answer to stdout as it is generated.
+
+    python generate_finetuned.py --checkpoint out/finetune/final --question "Who wrote Hamlet?"
+    python generate_finetuned.py --checkpoint out/finetune/final --context "..." --question "..."
+    python generate_finetuned.py --checkpoint checkpoints/gpt2 --lora out/lora/final --question "..."
+    python generate_finetuned.py --checkpoint out/finetune/final          # questions from stdin, one a line
+
+The question is wrapped with the prompt template the fine-tuning data was built with
+(utils/prompt_template.py); the answer ends at the template's end marker (" END"), a new turn, or
+<|endoftext|>, and only the answer is printed. With no --question, every stdin line is a question
+and earlier questions and answers stay in the prompt (multi-turn); the oldest turns are dropped
+when the prompt would leave no room for --max_new_tokens, and a single turn that is still too long
+is left-truncated, as build_finetune_datasets.py does. A summary line per answer goes to stderr.
+"""
+import argparse
+import sys
+
+from utils.cli import UsageError, run
+from utils.generation import (AnswerStream, Streamer, add_model_args, add_sampling_args, check_args, emit,
+                              load_for_generation, note, prompt_budget, resolve_device, setup_stdout, summary,
+                              truncate_left)
+from utils.prompt_template import format_prompt
+from utils.tokenizer import get_tokenizer
+
+PROG = "generate_finetuned.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--lora", metavar="DIR", help="a LoRA adapter (finetune_lora.py) to apply to --checkpoint in memory")
+    p.add_argument("--question", metavar="TEXT", help="the question; without it, questions are read from stdin")
+    p.add_argument("--context", metavar="TEXT", help="optional context the question is about")
+    add_sampling_args(p, max_new_tokens=128)
+    return p.parse_args(argv)
+
+
+def fit_prompt(enc, question, context, history, budget):
+    """Prompt ids within `budget`: drop the oldest turns of `history` (in place) first, then left-truncate."""
+    for start in range(len(history) + 1):
+        ids = enc.encode_ordinary(format_prompt(question, context, history[start:]))
+        if len(ids) <= budget:
+            if start:
+                note(f"dropped the {start} oldest turn(s) to fit the context")
+            del history[:start]
+            return ids
+    del history[:]
+    return truncate_left(ids, budget, what="the prompt (question and context)")
+
+
+def answer(streamer, enc, question, context, history, budget):
+    ids = fit_prompt(enc, question, context, history, budget)
+    stream = AnswerStream()
+
+    def on_text(piece):
+        out, done = stream.push(piece)
+        emit(out)
+        return done
+
+    result = streamer.run(ids, on_text)
+    emit(stream.finish() + "\n")
+    summary(result)
+    return stream.answer
+
+
+def main(argv=None):
+    setup_stdout()
+    args = parse_args(argv)
+    check_args(args)
+    if args.question is not None and not args.question.strip():
+        raise UsageError("--question is empty")
+    device = resolve_device(args.device)
+    model = load_for_generation(args.checkpoint, lora=args.lora, device=device)
+    enc = get_tokenizer()
+    streamer = Streamer(model, args, device)
+    budget = prompt_budget(model.config.block_size, args.max_new_tokens)
+    if args.question is not None:
+        answer(streamer, enc, args.question, args.context, [], budget)
+        return
+    history, interactive = [], sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if question:
+            history.append((question, answer(streamer, enc, question, args.context, history, budget)))
+
+
+if __name__ == "__main__":
+    run(PROG, main)
