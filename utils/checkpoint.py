@@ -34,9 +34,14 @@ def save_model(model, directory, overwrite: bool = True, state_dict=None, extra_
     """Write `model` (a GPT2LMHeadModel, or its full `state_dict` + config) atomically to `directory`."""
     sd = full_state_dict(model) if state_dict is None else {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     config = {"format": FORMAT, **model.config.__dict__, **(extra_config or {})}
+    return write_tensors_and_config(directory, sd, WEIGHTS_NAME, config, CONFIG_NAME, overwrite)
+
+
+def write_tensors_and_config(directory, tensors, weights_name, config, config_name, overwrite):
+    """A safetensors file + a JSON config, written into a temporary dir renamed to `directory` when complete."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(sd, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with atomic_file(os.path.join(tmp, CONFIG_NAME)) as f:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, weights_name), metadata={"format": "pt"})
+        with atomic_file(os.path.join(tmp, config_name)) as f:
             json.dump(config, f, indent=2)
     return directory
 

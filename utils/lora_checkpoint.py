@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from models.gpt2 import GPT2Config
 from models.lora import apply_lora, lora_modules, mark_only_lora_trainable
-from utils.checkpoint import WEIGHTS_NAME, CheckpointError
-from utils.fileio import atomic_dir, atomic_file
+from utils.checkpoint import WEIGHTS_NAME, CheckpointError, write_tensors_and_config
+from utils.fileio import atomic_dir
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,11 +37,7 @@ def save_adapter(directory, adapter_sd, *, r, alpha, dropout, targets, train_bia
         "base_checkpoint": os.path.abspath(base_checkpoint) if base_checkpoint else None,
         "base_fingerprint": fingerprint(base_checkpoint) if base_checkpoint else None,
     }
-    with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in adapter_sd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS))
-        with atomic_file(os.path.join(tmp, ADAPTER_CONFIG)) as f:
-            json.dump(config, f, indent=2)
-    return directory
+    return write_tensors_and_config(directory, adapter_sd, ADAPTER_WEIGHTS, config, ADAPTER_CONFIG, overwrite)
 
 
 def load_adapter_config(directory) -> dict:
