@@ -70,7 +70,7 @@ def main(argv=None):
     if args.question is not None and not args.question.strip():
         raise UsageError("--question is empty")
     device = resolve_device(args.device)
-    model = load_for_generation(args.checkpoint, lora=args.lora, device=device)
+    model = load_for_generation(args.checkpoint, lora=args.lora, device=device, dtype=args.dtype)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device)
     budget = prompt_budget(model.config.block_size, args.max_new_tokens)

@@ -54,7 +54,7 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
-    model = load_for_generation(args.checkpoint, device=device)
+    model = load_for_generation(args.checkpoint, device=device, dtype=args.dtype)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device, stop_tokens=() if args.ignore_eot else (EOT_TOKEN,))
     budget = prompt_budget(model.config.block_size, args.max_new_tokens)

@@ -314,8 +314,22 @@ def test_streamer_streams_and_stops_on_request(ckpt):
     assert full.new_ids[: len(result.new_ids)] == result.new_ids and len(full.new_ids) == 30
 
 
-def test_bf16_autocast_runs(ckpt, capfd):
+def test_bf16_runs(ckpt, capfd):
+    model = load_for_generation(ckpt, dtype="bfloat16")
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
     rc, out, err = in_process(generate_pretrained, capfd, "--checkpoint", ckpt, "--prompt", "Hi", "--dtype", "bfloat16",
                               "--max_new_tokens", 5, "--seed", 0)
     assert rc == 0, err
     assert out.startswith("Hi") and "5 new tokens" in err
+
+
+def test_decode_layout_changes_memory_not_values(ckpt):
+    from utils.generation import decode_layout
+    plain = load_model(ckpt).eval()
+    fast = decode_layout(load_model(ckpt).eval())
+    assert fast.lm_head.weight is fast.transformer.wte.weight and not fast.lm_head.weight.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values()))
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert (plain(idx)[0] - fast(idx)[0]).abs().max().item() < 1e-5
+    assert torch.equal(plain.generate(idx, 40, temperature=0), fast.generate(idx, 40, temperature=0))
