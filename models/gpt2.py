@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from models.loss import linear_cross_entropy
+
 
 @dataclass
 class GPT2Config:
@@ -207,11 +209,13 @@ class GPT2LMHeadModel(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, valid=None, reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, valid=None, reduction="mean", return_logits=True):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss over targets != -100 or None).
 
         `reduction`: "mean" over target tokens, or "sum" (the training loop divides by the number
         of target tokens in the whole accumulation window across ranks).
+        `return_logits=False` (training): logits come back as None and the loss is computed chunk
+        by chunk without ever holding the batch's logits (models/loss.py): same value, much faster.
 
         `cache`/`valid` are for generation only: a KVCache to read and extend, and (B, T) bool
         marking real tokens of left-padded prompts. With a cache, logits are for the last position only.
@@ -231,6 +235,9 @@ class GPT2LMHeadModel(nn.Module):
             cache.advance(T)
             x = x[:, -1:]  # generation reads only the last position's logits: no lm_head over the prompt
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits and reduction in ("mean", "sum"):
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, reduction)
+            return None, loss
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padding rows never take probability mass
