@@ -32,8 +32,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16: weights in bf16 (half the memory) under bf16 autocast, LayerNorm and softmax "
-                        "in fp32 (default float32: exact)")
+                   help="bfloat16: weights in bf16 (half the memory) under bf16 autocast (default float32: exact)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -75,9 +74,8 @@ def load_for_generation(checkpoint, lora=None, device="cpu", dtype="float32"):
     """The model to generate with, in eval mode: a model checkpoint, plus a LoRA adapter attached
     in memory (not merged to disk) when `lora` is a directory.
 
-    dtype "bfloat16" stores the weights in bf16: run it under bf16 autocast (Streamer does), which
-    keeps LayerNorm and softmax in fp32. (Autocast over fp32 weights would re-cast every weight at
-    every step: 3x slower decoding on CPU.)
+    dtype "bfloat16" stores the weights in bf16; run it under bf16 autocast (Streamer does). Autocast
+    over fp32 weights instead would re-cast every weight at every step: 3x slower decoding on CPU.
     """
     model = load_model(checkpoint, device="cpu")
     if lora is not None:
