@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 # Sizes: "laptop" is the real quickstart; "tiny" is the same chain at test size.
 SIZES = {
-    "laptop": dict(model="gpt2-mini", seq=256, micro=16, steps=600, warmup=60, lr=2e-3, eval_interval=150,
-                   plays=None, bible=True, prepare_flags=[], ft_seq=256, ft_micro=16, ft_epochs=3, ft_lr=2e-3, new_tokens=60),
+    "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=240, warmup=24, lr=3e-3, eval_interval=80,
+                   plays=None, bible=True, prepare_flags=[], ft_seq=128, ft_micro=16, ft_epochs=2, ft_lr=3e-3, new_tokens=40),
     "tiny": dict(model="gpt2-tiny", seq=64, micro=4, steps=12, warmup=2, lr=3e-3, eval_interval=6,
                  plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_seq=128, ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6),
 }
@@ -32,13 +32,14 @@ def banner(n, title):
     print(f"\n=== [{n}/11] {title}", flush=True)
 
 
-def run(*cmd, nproc=1, stdin=None, capture=False):
+def run(*cmd, nproc=1, stdin=None, capture=False, show=None):
     """Run a repo script (under torchrun when nproc > 1); stop the quickstart if it fails."""
     full = [sys.executable]
     if nproc > 1:
         full += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     full += [str(c) for c in cmd]
-    print("$ " + " ".join(full[1:] if nproc > 1 else ["python"] + full[1:]), flush=True)
+    launcher = ["torchrun"] + full[3:] if nproc > 1 else ["python"] + full[1:]
+    print("$ " + (show or " ".join(launcher)), flush=True)
     out = subprocess.run(full, cwd=REPO, input=stdin, text=True, capture_output=capture,
                          env={**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
@@ -167,6 +168,7 @@ def main(argv=None):
         run("convert_lora_checkpoint.py", "--base", f"{pre_ckpt}/final", "--lora", f"{lora_ckpt}/final", "--output", merged)
 
     banner(10, "generate_finetuned.py: questions to the fine-tuned model")
+    print("questions, one per line on stdin (a multi-turn chat): " + " | ".join(QUESTIONS))
     run("generate_finetuned.py", "--checkpoint", merged, "--temperature", "0", "--max_new_tokens", s["new_tokens"],
         stdin="\n".join(QUESTIONS) + "\n")
 
@@ -175,12 +177,13 @@ def main(argv=None):
     if not done(hf_dir, "the transformers export"):
         run("convert_hf_checkpoint.py", "--to_hf", "--checkpoint", merged, "--output", hf_dir)
     code = ("import sys, transformers\n"
+            "from utils.prompt_template import extract_answer, format_prompt\n"
             "pipe = transformers.pipeline('text-generation', model=sys.argv[1], device=-1)\n"
-            "prompt = sys.argv[2]\n"
+            "prompt = format_prompt(sys.argv[2])\n"
             "text = pipe(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False)[0]['generated_text']\n"
-            "print('transformers pipeline answer:', repr(text[len(prompt):]))\n")
-    from utils.prompt_template import format_prompt
-    run("-c", code, hf_dir, format_prompt(QUESTIONS[0]), s["new_tokens"])
+            "print(f'transformers pipeline: {sys.argv[2]!r} -> {extract_answer(text[len(prompt):])!r}')\n")
+    run("-c", code, hf_dir, QUESTIONS[0], s["new_tokens"],
+        show=f"python -c \"transformers.pipeline('text-generation', model='{hf_dir}') ...\"")
 
     print(f"\nquickstart finished in {time.time() - t_start:.0f} s. Everything is in {out}; "
           f"TensorBoard: tensorboard --logdir {out}/runs")

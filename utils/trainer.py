@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -158,7 +159,9 @@ def _train(cfg, task, info):
     flops_tok = model_flops_per_token(model_config, cfg.max_seq_length)
     peak = peak_flops(info.device, torch.bfloat16 if cfg.mixed_precision else torch.float32)  # measured, per rank
     history, last_eval, saved = [], None, None
-    bar = tqdm(total=max_steps, initial=step, disable=not info.is_main, desc=task.name, dynamic_ncols=True)
+    # Redirected to a file, a bar redraws into the log: keep it to a line every 30 s there.
+    bar = tqdm(total=max_steps, initial=step, disable=not info.is_main, desc=task.name, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     model.train()
     with StopRequest() as stop:
         while step < max_steps:
