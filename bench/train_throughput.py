@@ -18,9 +18,9 @@ rotates), so load from other processes hits every side alike; the ratio to trans
 taken within each round and its median reported. MFU = tokens/s × model FLOPs per token
 (utils/perf.py: 6·N + 12·L·T·d) ÷ the peak FLOP/s of a 2048³ matmul in the same dtype,
 measured in every round of this run (the best of all rounds is used: the conservative choice).
-On a shared machine the best of the rounds is the least disturbed measurement of each side;
-the median ratio is printed too. Compile time is a cold compile (fresh inductor cache) unless
---warm_compile_cache.
+On a shared machine, rounds whose matmul peak fell below 80% of the run's best are counted as
+disturbed and left out of the medians (the best of all rounds is printed too). Compile time is
+a cold compile (fresh inductor cache) unless --warm_compile_cache.
 """
 import argparse
 import copy
@@ -226,12 +226,17 @@ def main():
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{dt} {n} {tokens / times[(dt, n)][-1]:.0f}"
                                                            for dt, n, _ in variants) + " tok/s", flush=True)
 
+    # A round whose matmul peak fell below 80% of the run's best shared the CPU with other work:
+    # its times say more about the neighbours than about the models, so the medians skip it.
+    quiet = [r for r in range(args.repeats) if all(peaks[dt][r] >= 0.8 * max(peaks[dt]) for dt in dtypes)] \
+        or list(range(args.repeats))
     date = datetime.date.today().isoformat()
     print(f"\n### Training throughput, {args.config} config, block {T}, micro-batch {args.batch_size}, "
           f"allocator {args.malloc} ({date})\n")
-    print("| precision | model | tokens/s best | tokens/s median | × transformers (best) | × transformers (median of rounds) "
-          "| MFU (best) | compile |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"quiet rounds (matmul peak >= 80% of the best): {[r + 1 for r in quiet]} of {args.repeats}\n")
+    print("| precision | model | tokens/s (median, quiet rounds) | tokens/s (best) | × transformers (median of quiet rounds) "
+          "| MFU (median) | compile |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for dt in dtypes:
         peak = max(peaks[dt])
         hf_t = times[(dt, "transformers eager")]
@@ -239,17 +244,17 @@ def main():
             if dt2 != dt:
                 continue
             ts = times[(dt, name)]
-            med, best = tokens / statistics.median(ts), tokens / min(ts)
-            ratio_best = min(hf_t) / min(ts)
-            ratio_med = statistics.median(h / t for h, t in zip(hf_t, ts))
+            med = tokens / statistics.median(ts[r] for r in quiet)
+            best = tokens / min(ts)
+            ratios = [hf_t[r] / ts[r] for r in quiet]
+            per_round = ", ".join(f"{x:.2f}" for x in ratios) if name != "transformers eager" else ""
+            ratio = f"{statistics.median(ratios):.2f}" + (f" ({per_round})" if len(ratios) > 1 and per_round else "")
             comp = f"{compile_s[dt]:.0f} s" if name == "ours compile" else ""
-            print(f"| {dt} | {name} | {best:,.0f} | {med:,.0f} | {ratio_best:.2f} | {ratio_med:.2f} "
-                  f"| {100 * mfu(best, flops_tok, peak):.0f} % | {comp} |")
+            print(f"| {dt} | {name} | {med:,.0f} | {best:,.0f} | {ratio} | {100 * mfu(med, flops_tok, peak):.0f} % | {comp} |")
     for dt in dtypes:
-        print(f"\nmeasured {dt} matmul peak (2048³): best {max(peaks[dt]) / 1e9:.0f} GFLOP/s, "
-              f"median {statistics.median(peaks[dt]) / 1e9:.0f} GFLOP/s over {args.repeats} rounds")
-    print("MFU = best tokens/s × model FLOPs per token ÷ best measured matmul peak of the same dtype. "
-          "Best = fastest of the rounds (least disturbed by other processes).")
+        print(f"\nmeasured {dt} matmul peak (2048³) per round: "
+              + ", ".join(f"{x / 1e9:.0f}" for x in peaks[dt]) + " GFLOP/s; MFU uses the best")
+    print("MFU = median tokens/s of the quiet rounds × model FLOPs per token ÷ best measured matmul peak of the same dtype.")
 
     if args.profile:
         for dt in dtypes:
