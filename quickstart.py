@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # Sizes: "laptop" is the real quickstart; "tiny" is the same chain at test size.
 SIZES = {
     "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=240, warmup=24, lr=3e-3, eval_interval=80,
-                   plays=None, bible=True, prepare_flags=[], ft_seq=128, ft_micro=16, ft_epochs=2, ft_lr=3e-3, new_tokens=40),
+                   plays=None, bible=True, prepare_flags=[], ft_seq=128, ft_micro=16, ft_epochs=4, ft_lr=6e-3, new_tokens=40),
     "tiny": dict(model="gpt2-tiny", seq=64, micro=4, steps=12, warmup=2, lr=3e-3, eval_interval=6,
                  plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_seq=128, ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6),
 }
@@ -169,7 +169,8 @@ def main(argv=None):
 
     banner(10, "generate_finetuned.py: questions to the fine-tuned model")
     print("questions, one per line on stdin (a multi-turn chat): " + " | ".join(QUESTIONS))
-    run("generate_finetuned.py", "--checkpoint", merged, "--temperature", "0", "--max_new_tokens", s["new_tokens"],
+    run("generate_finetuned.py", "--checkpoint", merged, "--temperature", "0", "--repetition_penalty", "1.3",
+        "--max_new_tokens", s["new_tokens"],
         stdin="\n".join(QUESTIONS) + "\n")
 
     banner(11, "convert_hf_checkpoint.py --to_hf, then a transformers pipeline on the export")
