@@ -4,7 +4,6 @@ Each script's module (configs/pretrain.py, ...) subclasses this and sets its own
 Edit those files for lasting changes; override any field on the command line: --field=value.
 """
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from models.gpt2 import GPT2Config, GPT2LMHeadModel, PRESETS
+from models.gpt2 import GPT2Config, GPT2LMHeadModel
 from utils.hf_mapping import config_from_hf, hf_to_ours
 
 
