@@ -45,7 +45,7 @@ class TrainingConfig:
     log_dir: str = "runs/train"          # TensorBoard event files
 
     # --- checkpoints ---
-    ckpt_dir: str = "checkpoints/train"  # training checkpoints step_XXXXXXXX/ and the final model in final/
+    ckpt_dir: str = "checkpoints/train"  # training checkpoints (step_00001000/, ...) and the final model in final/
     ckpt_interval: int = 500             # save a training checkpoint every N steps; 0 = only at the end
     keep_last_ckpts: int = 3             # older training checkpoints are deleted
     resume: str = ""                     # "auto" = newest complete checkpoint in ckpt_dir, a path, or "" = fresh run
