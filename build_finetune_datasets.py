@@ -2,7 +2,7 @@
 them with GPT-2's tokenizer and split them into train.jsonl / val.jsonl of
 {"prompt_ids", "completion_ids"} + meta.json. Over-long examples lose the start of their prompt;
 those whose completion alone is too long are dropped and counted."""
-from utils.data_cli import add_output_flags, fraction, log, parser, run
+from utils.cli import add_output_flags, fraction, log, parser, run
 
 PROG = "build_finetune_datasets.py"
 
@@ -17,7 +17,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default: 1337)")
     args = p.parse_args(argv)
 
-    from utils.data_finetune import build_finetune
+    from utils.data.finetune import build_finetune
     meta = build_finetune(args.input, args.output, max_seq_len=args.max_seq_len, val_fraction=args.val_fraction,
                           seed=args.seed, overwrite=args.overwrite, log=log)
     s = meta["splits"]

@@ -3,8 +3,8 @@ GPT-2's tokenizer into train.bin / val.bin (flat uint16, <|endoftext|> after eve
 meta.json. The validation split takes whole documents, drawn with --seed."""
 import time
 
-from utils.data_cli import add_output_flags, fraction, human_bytes, log, non_negative_int, parser, run
-from utils.data_parallel import available_cpus
+from utils.cli import add_output_flags, fraction, human_bytes, log, non_negative_int, parser, run
+from utils.hardware import available_cpus
 
 PROG = "build_pretrain_datasets.py"
 
@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--text_field", default="text", help="JSON field holding the text (default: text)")
     args = p.parse_args(argv)
 
-    from utils.data_build_pretrain import build_pretrain
+    from utils.data.build_pretrain import build_pretrain
     t0 = time.time()
     meta = build_pretrain(args.input, args.output, val_fraction=args.val_fraction, seed=args.seed,
                           num_workers=args.num_workers, overwrite=args.overwrite, text_field=args.text_field, log=log)

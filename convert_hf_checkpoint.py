@@ -9,8 +9,8 @@ Export (a dir that transformers.from_pretrained / AutoTokenizer / pipeline load 
 import argparse
 import sys
 
+from utils.checkpoints.hf import HUB_MODELS, export_to_hf, import_hf_dir, import_hf_model
 from utils.cli import run
-from utils.hf_io import HUB_MODELS, export_to_hf, import_hf_dir, import_hf_model
 
 PROG = "convert_hf_checkpoint.py"
 

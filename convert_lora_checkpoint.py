@@ -9,9 +9,9 @@ the one the adapter was trained on (other shapes or other weights) is refused.
 import argparse
 import sys
 
-from utils.checkpoint import CheckpointError, save_model
-from utils.fileio import OutputExistsError, check_output_dir
-from utils.lora_checkpoint import export_peft, merge_adapter
+from utils.checkpoints.adapter import export_peft, merge_adapter
+from utils.checkpoints.model import CheckpointError, save_model
+from utils.files import OutputExistsError, check_output_dir
 
 
 def main(argv=None):

@@ -29,8 +29,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-EOT_TOKEN = 50256
-IGNORE_INDEX = -100
+from models.loss import IGNORE_INDEX
+from utils.errors import UserError
+from utils.tokenizer import EOT_TOKEN
+
+
+class DatasetError(UserError, ValueError):
+    """A built dataset (or a saved loader state) that this loader cannot use, and what to do about it."""
+
 CHOICE_CHUNK = 4096
 # Domain tags: the source choices and each source's permutations come from unrelated RNG streams.
 _CHOICE_STREAM, _WINDOW_STREAM, _EXAMPLE_STREAM = 1, 2, 3
@@ -96,7 +102,7 @@ class PretrainLoader(_GlobalOrder):
         self.windows = [(len(a) - 1) // self.block_size if len(a) else 0 for a in self._data]
         for d, a, w in zip(self.data_dirs, self._data, self.windows):
             if w < 1:
-                raise ValueError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
+                raise DatasetError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
                                  f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or more data"
                                  + (" (or a larger --val_fraction)" if split == "val" else ""))
         self.source_counts = [0] * len(self._data)  # samples drawn from each source before `position`
@@ -114,7 +120,7 @@ class PretrainLoader(_GlobalOrder):
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
             if meta.get("dtype", "uint16") != "uint16":
-                raise ValueError(f"{meta_path} says dtype {meta.get('dtype')!r}; this loader reads uint16 tokens")
+                raise DatasetError(f"{meta_path} says dtype {meta.get('dtype')!r}; this loader reads uint16 tokens")
         if os.path.getsize(path) == 0:
             return np.zeros(0, dtype=np.uint16)
         return np.memmap(path, dtype=np.uint16, mode="r")
@@ -190,10 +196,10 @@ class PretrainLoader(_GlobalOrder):
     def load_state_dict(self, d):
         for key, mine in (("seed", self.seed), ("block_size", self.block_size), ("windows", self.windows)):
             if key in d and list(np.atleast_1d(d[key])) != list(np.atleast_1d(mine)):
-                raise ValueError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
+                raise DatasetError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
                                  f"resume with the same data, seed and block_size")
         if len(d["source_counts"]) != len(self._data):
-            raise ValueError(f"data loader state has {len(d['source_counts'])} sources, this loader has {len(self._data)}")
+            raise DatasetError(f"data loader state has {len(d['source_counts'])} sources, this loader has {len(self._data)}")
         self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))
         self.source_counts = [int(c) for c in d["source_counts"]]
         self._step = None
@@ -262,7 +268,7 @@ def load_examples(path):
                 if not isinstance(p, list) or not isinstance(c, list) or not c:
                     raise TypeError
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: expected {{\"prompt_ids\": [...], \"completion_ids\": [...]}} "
+                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\": [...], \"completion_ids\": [...]}} "
                                  f"with a non-empty completion; rebuild it with build_finetune_datasets.py") from None
             prompts.append(np.asarray(p, dtype=np.int32))
             completions.append(np.asarray(c, dtype=np.int32))
@@ -281,7 +287,7 @@ class FinetuneLoader(_GlobalOrder):
         self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
         self._prompts, self._completions = load_examples(path)
         if not self._prompts:
-            raise ValueError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
+            raise DatasetError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
                              f"(for val.jsonl: a --val_fraction above 0)")
         self._perm = (None, None)
 
@@ -325,6 +331,6 @@ class FinetuneLoader(_GlobalOrder):
     def load_state_dict(self, d):
         for key, mine in (("seed", self.seed), ("num_examples", len(self)), ("shuffle", int(self.shuffle))):
             if key in d and int(d[key]) != mine:
-                raise ValueError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
+                raise DatasetError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
                                  f"resume with the same data, seed and shuffle")
         self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))

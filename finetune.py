@@ -4,9 +4,9 @@
     python finetune.py --help          # every field of configs/finetune.py
 """
 from configs.finetune import FinetuneConfig
-from utils.config import load_config
-from utils.finetuning import finetune_loader, finetune_steps, load_pretrained, save_full_model
-from utils.trainer import TrainTask, train
+from configs.parser import load_config
+from utils.training.finetuning import finetune_loader, finetune_steps, load_pretrained, save_full_model
+from utils.training.trainer import TrainTask, train
 
 
 def main(argv=None):

@@ -6,11 +6,11 @@ low-rank factors trained, saved as an adapter (adapter.safetensors + adapter_con
 Merge into a plain model with convert_lora_checkpoint.py.
 """
 from configs.finetune_lora import FinetuneLoRAConfig
+from configs.parser import load_config
 from models.lora import apply_lora, mark_only_lora_trainable
-from utils.config import load_config
-from utils.finetuning import finetune_loader, finetune_steps, load_pretrained
-from utils.lora_checkpoint import save_adapter
-from utils.trainer import TrainTask, train
+from utils.checkpoints.adapter import save_adapter
+from utils.training.finetuning import finetune_loader, finetune_steps, load_pretrained
+from utils.training.trainer import TrainTask, train
 
 
 def main(argv=None):

@@ -15,10 +15,11 @@ is left-truncated, as build_finetune_datasets.py does. A summary line per answer
 import argparse
 import sys
 
-from utils.cli import UsageError, run
-from utils.generation import (AnswerStream, Streamer, add_model_args, add_sampling_args, check_args, emit,
-                              load_for_generation, note, prompt_budget, resolve_device, setup_stdout, summary,
-                              truncate_left)
+from utils.cli import UsageError, log, run
+from utils.generation.args import add_model_args, add_sampling_args, check_args, resolve_dtype
+from utils.generation.loading import load_for_generation
+from utils.generation.streaming import AnswerStream, Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
+from utils.hardware import resolve_device
 from utils.prompt_template import format_prompt
 from utils.tokenizer import get_tokenizer
 
@@ -41,7 +42,7 @@ def fit_prompt(enc, question, context, history, budget):
         ids = enc.encode_ordinary(format_prompt(question, context, history[start:]))
         if len(ids) <= budget:
             if start:
-                note(f"dropped the {start} oldest turn(s) to fit the context")
+                log(f"dropped the {start} oldest turn(s) to fit the context")
             del history[:start]
             return ids
     del history[:]
@@ -70,6 +71,7 @@ def main(argv=None):
     if args.question is not None and not args.question.strip():
         raise UsageError("--question is empty")
     device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, lora=args.lora, device=device, dtype=args.dtype)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device)

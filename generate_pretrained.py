@@ -12,8 +12,10 @@ left-truncated (kept: its last block_size - max_new_tokens tokens, at least half
 import argparse
 
 from utils.cli import UsageError, run
-from utils.generation import (Streamer, add_model_args, add_sampling_args, check_args, emit, load_for_generation,
-                              prompt_budget, resolve_device, setup_stdout, summary, truncate_left)
+from utils.generation.args import add_model_args, add_sampling_args, check_args, resolve_dtype
+from utils.generation.loading import load_for_generation
+from utils.generation.streaming import Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
+from utils.hardware import resolve_device
 from utils.tokenizer import EOT_TOKEN, get_tokenizer
 
 PROG = "generate_pretrained.py"
@@ -54,6 +56,7 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, device=device, dtype=args.dtype)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device, stop_tokens=() if args.ignore_eot else (EOT_TOKEN,))

@@ -2,7 +2,7 @@
 Alpaca instruction/input/output, question/answer[/context] and SQuAD, multi-turn dialogues incl.
 chatterbot-corpus YAML) into examples.jsonl of {"prompt", "completion"[, "context"][, "history"]}
 + report.json. Next step: build_finetune_datasets.py."""
-from utils.data_cli import add_output_flags, log, parser, run
+from utils.cli import add_output_flags, log, parser, run
 
 PROG = "prepare_data_finetune.py"
 
@@ -14,7 +14,7 @@ def main(argv=None):
     add_output_flags(p)
     args = p.parse_args(argv)
 
-    from utils.data_finetune import prepare_finetune
+    from utils.data.finetune import prepare_finetune
     r = prepare_finetune(args.input, args.output, overwrite=args.overwrite, log=log)
     d = r["dropped"]
     log(f"{PROG}: {r['files_read']} file(s) read, {len(r['files_skipped'])} skipped; {r['records']:,} records -> "

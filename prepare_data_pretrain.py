@@ -2,8 +2,8 @@
 JSON Lines shards (`{"text": ...}` a line) + report.json. Next step: build_pretrain_datasets.py."""
 import time
 
-from utils.data_cli import add_output_flags, dir_size, human_bytes, log, non_negative_int, parser, run
-from utils.data_parallel import available_cpus
+from utils.cli import add_output_flags, dir_size, human_bytes, log, non_negative_int, parser, run
+from utils.hardware import available_cpus
 
 PROG = "prepare_data_pretrain.py"
 
@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument("--shard_mb", type=float, default=256.0, help="size of each output shard in MB (default: 256)")
     args = p.parse_args(argv)
 
-    from utils.data_prepare_pretrain import PrepareOptions, prepare_pretrain
+    from utils.data.prepare_pretrain import PrepareOptions, prepare_pretrain
     t0 = time.time()
     opts = PrepareOptions(split_paragraphs=args.split_paragraphs, min_chars=args.min_chars,
                           text_field=args.text_field, shard_mb=args.shard_mb)

@@ -3,12 +3,12 @@
     torchrun --standalone --nproc_per_node 8 pretrain.py --model_type=gpt2 --data_dir=data/built
     python pretrain.py --help          # every field of configs/pretrain.py
 """
+from configs.parser import load_config
 from configs.pretrain import PretrainConfig
 from custom_dataset import PretrainLoader
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
-from utils.checkpoint import save_model
-from utils.config import load_config
-from utils.trainer import TrainTask, train
+from utils.checkpoints.model import save_model
+from utils.training.trainer import TrainTask, train
 
 
 def main(argv=None):

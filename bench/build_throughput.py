@@ -32,8 +32,8 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.data_parallel import available_cpus  # noqa: E402
-from utils.sample_corpora import kjv_books, shakespeare_plays  # noqa: E402
+from utils.data.sample_corpora import kjv_books, shakespeare_plays  # noqa: E402
+from utils.hardware import available_cpus  # noqa: E402
 from utils.tokenizer import get_tokenizer  # noqa: E402
 
 

@@ -30,9 +30,9 @@ def worker(args):
     import torch.distributed as dist
 
     from models.gpt2 import GPT2Config, GPT2LMHeadModel
-    from utils.distributed import cleanup_distributed, init_distributed
-    from utils.fsdp import parallelize
-    from utils.trainer import build_optimizer
+    from utils.training.distributed import cleanup_distributed, init_distributed
+    from utils.training.parallelize import parallelize
+    from utils.training.trainer import build_optimizer
 
     info = init_distributed("auto")
     torch.manual_seed(0)

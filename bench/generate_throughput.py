@@ -6,7 +6,7 @@
 Both models hold the same random-init fp32 weights (a transformers GPT2LMHeadModel mapped into
 ours). Rows: transformers `generate` (its DynamicCache KV cache); ours as `model.generate` runs on
 a freshly built model; ours as generate_pretrained.py / generate_finetuned.py run it (weights in the
-CPU decode layout, utils.generation.decode_layout). Each is warmed up, then all are timed
+CPU decode layout, utils.generation.streaming.decode_layout). Each is warmed up, then all are timed
 interleaved, rotating the order each repeat, so load from other processes hits them alike.
 Reported: tokens/s (median and best of the repeats) and ratios to transformers. All rows produce
 the same greedy tokens (checked).
@@ -21,9 +21,9 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.gpt2 import GPT2Config, GPT2LMHeadModel, PRESETS  # noqa: E402
-from utils.generation import decode_layout  # noqa: E402
-from utils.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
+from models.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
+from utils.generation.streaming import decode_layout  # noqa: E402
 
 
 def build(preset, seed=0):

@@ -16,7 +16,7 @@ steady step, reported on its own.
 Every variant is warmed up, then all are timed interleaved, round after round (the order
 rotates), so load from other processes hits every side alike; the ratio to transformers is
 taken within each round and its median reported. MFU = tokens/s × model FLOPs per token
-(utils/perf.py: 6·N + 12·L·T·d) ÷ the peak FLOP/s of a 2048³ matmul in the same dtype,
+(utils/training/metrics.py: 6·N + 12·L·T·d) ÷ the peak FLOP/s of a 2048³ matmul in the same dtype,
 measured in every round of this run (the best of all rounds is used: the conservative choice).
 On a shared machine, rounds whose matmul peak fell below 80% of the run's best are counted as
 disturbed and left out of the medians (the best of all rounds is printed too). Compile time is
@@ -37,8 +37,9 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gpt2 import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from utils.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
-from utils.perf import measure_matmul_flops, mfu, model_flops_per_token, tune_cpu_allocator  # noqa: E402
+from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
+from utils.hardware import measure_matmul_flops, tune_cpu_allocator  # noqa: E402
+from utils.training.metrics import mfu, model_flops_per_token  # noqa: E402
 
 CONFIGS = {
     "default": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
@@ -154,7 +155,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--malloc", default="default", choices=["default", "tuned"],
-                   help="tuned: utils.perf.tune_cpu_allocator() for the whole process (both sides), as the loop may")
+                   help="tuned: utils.hardware.tune_cpu_allocator() for the whole process (both sides), as the loop may")
     p.add_argument("--warm_compile_cache", action="store_true",
                    help="reuse the inductor cache on disk (default: a fresh one, so compile time is a cold compile)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of one step (ours eager, transformers)")
@@ -194,7 +195,7 @@ def main():
         models.append(("ours eager", ours, False))
     if "compile" in modes:
         ours_c = copy.deepcopy(ours)
-        for block in ours_c.transformer.h:  # as utils/fsdp.py does: one compiled graph serves every block
+        for block in ours_c.transformer.h:  # as utils/training/parallelize.py does: one compiled graph serves every block
             block.compile(dynamic=False)
         models.append(("ours compile", ours_c, False))
     if "eager" not in modes:

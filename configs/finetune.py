@@ -36,7 +36,7 @@ class FinetuneConfig(TrainingConfig):
     ckpt_interval: int = 200
 
     def validate(self):
-        from utils.config import ConfigError
+        from configs.parser import ConfigError
         super().validate()
         if self.num_epochs < 1:
             raise ConfigError(f"--num_epochs must be >= 1, got {self.num_epochs}")

@@ -20,8 +20,8 @@ class FinetuneLoRAConfig(FinetuneConfig):
     ckpt_dir: str = "checkpoints/finetune_lora"
 
     def validate(self):
+        from configs.parser import ConfigError
         from models.lora import check_targets
-        from utils.config import ConfigError
         super().validate()
         if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"need lora_r >= 1, lora_alpha > 0, 0 <= lora_dropout < 1; got r={self.lora_r} "

@@ -39,7 +39,7 @@ class PretrainConfig(TrainingConfig):
 
     def sources(self):
         """[(dir, weight), ...] from datasources, or data_dir alone."""
-        from utils.config import ConfigError
+        from configs.parser import ConfigError
         if not self.datasources:
             return [(self.data_dir, 1.0)]
         out = []
@@ -55,7 +55,7 @@ class PretrainConfig(TrainingConfig):
         return out
 
     def validate(self):
-        from utils.config import ConfigError
+        from configs.parser import ConfigError
         super().validate()
         if self.max_train_iters < 1:
             raise ConfigError(f"--max_train_iters must be >= 1, got {self.max_train_iters}")

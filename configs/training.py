@@ -52,7 +52,8 @@ class TrainingConfig:
 
     # --- performance ---
     device: str = "auto"                 # auto (cuda if available), cuda or cpu
-    mixed_precision: bool = True         # bf16 compute, fp32 master weights and gradient reduction
+    mixed_precision: bool | str = "auto"  # bf16 compute, fp32 master weights and gradient reduction; auto = where bf16
+                                         # is fast (CUDA, CPUs with bf16 units), fp32 elsewhere; true/false force it
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     compile_model: bool = False          # torch.compile each transformer block
     cpu_offload: bool = False            # FSDP2 parameter/gradient offload to CPU (CUDA only)
@@ -62,7 +63,7 @@ class TrainingConfig:
 
     def resolve_batch(self, world_size: int):
         """Derive gradient_accum_steps from global_batch_size for this world size (if set)."""
-        from utils.config import ConfigError
+        from configs.parser import ConfigError
         if self.global_batch_size:
             per_step = self.micro_batch_size * world_size
             if self.global_batch_size % per_step:
@@ -71,7 +72,7 @@ class TrainingConfig:
             self.gradient_accum_steps = self.global_batch_size // per_step
 
     def validate(self):
-        from utils.config import ConfigError
+        from configs.parser import ConfigError
         positive = ["max_seq_length", "micro_batch_size", "gradient_accum_steps", "eval_iters", "log_interval", "keep_last_ckpts"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -86,5 +87,7 @@ class TrainingConfig:
             raise ConfigError(f"need 0 <= init_lr, min_lr <= max_lr; got init_lr={self.init_lr} max_lr={self.max_lr} min_lr={self.min_lr}")
         if self.global_batch_size < 0:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
+        if self.mixed_precision not in (True, False, "auto"):
+            raise ConfigError(f"--mixed_precision must be auto, true or false, got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")

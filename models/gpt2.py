@@ -2,7 +2,7 @@
 
 References: OpenAI's GPT-2 (tensorflow), HF transformers' modeling_gpt2.py, nanoGPT's model.py.
 Parameter names follow HF (`transformer.h.0.attn.c_attn.weight`, ...) but every projection is
-an `nn.Linear`, so HF's Conv1D weights are transposed on import (utils/hf_mapping.py).
+an `nn.Linear`, so HF's Conv1D weights are transposed on import (utils/checkpoints/hf_mapping.py).
 Nothing in here knows about distributed training: utils/ applies FSDP to this plain model.
 """
 import math
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from models.loss import linear_cross_entropy
+from models.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass
@@ -244,7 +244,7 @@ class GPT2LMHeadModel(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, reduction=reduction)
+                                   ignore_index=IGNORE_INDEX, reduction=reduction)
         return logits, loss
 
     @torch.no_grad()
@@ -259,7 +259,7 @@ class GPT2LMHeadModel(nn.Module):
         exactly as if the whole window were recomputed each step.
         callback: called with each step's (B,) new tokens (for streaming); returning True stops.
         """
-        from models.sampling import sample_next_token, check_sampling_args  # keeps this file about the model
+        from models.sampling import check_sampling_args, sample_next_token  # keeps this file about the model
         check_sampling_args(temperature, top_k, top_p, repetition_penalty)
         ragged = not torch.is_tensor(idx)
         device = self.transformer.wte.weight.device

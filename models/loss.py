@@ -14,6 +14,8 @@ grad_x = g @ W and grad_W = g^T @ x. Numerically it is the same computation as t
 """
 import torch
 
+IGNORE_INDEX = -100  # a target that carries no loss: prompt tokens and padding (PyTorch's default)
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run the LM-head matmul in (bf16 under bf16 autocast), else x's."""
@@ -28,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # x (N, C), weight (Vp, C), targets (N,) with -100 = ignored; matmuls in `dtype`.
         xc, wc = x.to(dtype), weight.to(dtype)
         N, Vp = x.size(0), weight.size(0)
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         count = valid.sum()
         safe_targets = torch.where(valid, targets, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

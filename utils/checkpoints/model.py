@@ -1,0 +1,112 @@
+"""Model checkpoints: a directory with `model.safetensors` + `config.json` (no pickle).
+
+Training checkpoints (sharded, with optimizer/RNG/data state) live in utils/checkpoints/training.py.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.gpt2 import GPT2Config, GPT2LMHeadModel
+from utils.files import atomic_dir, atomic_file
+from utils.errors import UserError
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "minigpt-gpt2"
+
+
+class CheckpointError(UserError, ValueError):
+    pass
+
+
+def full_state_dict(model) -> dict:
+    """CPU state dict without the tied lm_head (safetensors stores each tensor once)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        sd[k] = v.detach().to("cpu").contiguous()
+    return sd
+
+
+def save_model(model, directory, overwrite: bool = True, state_dict=None, extra_config=None):
+    """Write `model` (a GPT2LMHeadModel, or its full `state_dict` + config) atomically to `directory`."""
+    sd = full_state_dict(model) if state_dict is None else {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    config = {"format": FORMAT, **model.config.__dict__, **(extra_config or {})}
+    return write_tensors_and_config(directory, sd, WEIGHTS_NAME, config, CONFIG_NAME, overwrite)
+
+
+def write_tensors_and_config(directory, tensors, weights_name, config, config_name, overwrite):
+    """A safetensors file + a JSON config, written into a temporary dir renamed to `directory` when complete."""
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, weights_name), metadata={"format": "pt"})
+        with atomic_file(os.path.join(tmp, config_name)) as f:
+            json.dump(config, f, indent=2)
+    return directory
+
+
+def load_config(directory) -> GPT2Config:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory; a model checkpoint is a directory with {WEIGHTS_NAME} and {CONFIG_NAME}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a model checkpoint (written by save_model)? "
+                              "Convert an HF model first with convert_hf_checkpoint.py")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if d.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{path}: not a miniGPT model config (field 'format' is not {FORMAT!r}); "
+                              "for an HF transformers dir use convert_hf_checkpoint.py --hf_dir")
+    known = set(GPT2Config.__dataclass_fields__)
+    return GPT2Config(**{k: v for k, v in d.items() if k in known})
+
+
+def check_state_dict(model, sd, source="checkpoint"):
+    """Raise a CheckpointError naming missing/unexpected keys and shape mismatches."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: {tuple(sd[k].shape)} in {source} vs {tuple(expected[k])} in model"
+              for k in sorted(set(expected) & set(sd)) if tuple(sd[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes[:8]))
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems))
+
+
+def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, **config_overrides) -> GPT2LMHeadModel:
+    """Build a GPT2LMHeadModel from a model checkpoint directory.
+
+    `config`: if given, the checkpoint's config must agree with it (fields that differ are named).
+    `config_overrides`: fields that do not change shapes (e.g. dropout) to set on the loaded model.
+    """
+    saved = load_config(directory)
+    if config is not None:
+        diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs requested {getattr(config, k)!r}"
+                for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple")
+                if getattr(saved, k) != getattr(config, k)]
+        if diff:
+            raise CheckpointError(f"{directory}: checkpoint config does not match: " + "; ".join(diff))
+    cfg = GPT2Config(**{**saved.__dict__, **config_overrides})
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
+    sd = load_file(path, device=str(device))
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(cfg)
+    check_state_dict(model, sd, source=path)
+    model.load_state_dict(sd, strict=False, assign=True)  # assign: no second copy of the weights
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.to(device)

@@ -1,0 +1,114 @@
+"""Process-group setup for torchrun or a plain `python script.py` (world size 1).
+
+One code path for CPU and GPU: nccl when CUDA is present, gloo otherwise. Even a single process
+gets a (1-rank) process group, so FSDP2 and torch.distributed.checkpoint run the same way at
+every world size.
+"""
+import contextlib
+import datetime
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import USER_ERRORS, user_message
+from utils.hardware import configure_cpu_threads, resolve_device
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30, cpu_threads: int = 0) -> DistInfo:
+    """Join torchrun's process group (RANK/WORLD_SIZE/LOCAL_RANK) or make a 1-process one."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        backend = "gloo"
+        if cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
+        else:
+            configure_cpu_threads(local_world_size)  # torchrun pins workers to 1 thread; give each its share
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if under_torchrun:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+    return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_run(device: str = "auto", prog="miniGPT", cpu_threads: int = 0):
+    """Set up the process group; tear it down on exit.
+
+    A user error (utils.errors) ends the run with a one-line message from rank 0 and exit code 2;
+    anything else prints its traceback and exits 1. With several ranks a failing rank exits at
+    once without a collective teardown: its peers may be blocked in a collective, and torchrun
+    stops them when one rank dies.
+    """
+    info = None
+    try:
+        info = init_distributed(device, cpu_threads=cpu_threads)
+        yield info
+    except BaseException as e:
+        rank0 = info.is_main if info else int(os.environ.get("RANK", 0)) == 0
+        if isinstance(e, USER_ERRORS):
+            if rank0:
+                print(f"{prog}: error: {user_message(e)}", file=sys.stderr, flush=True)
+            code = 2
+        elif isinstance(e, KeyboardInterrupt):
+            code = 130
+        elif isinstance(e, SystemExit):
+            raise
+        else:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        sys.stdout.flush()
+        if info is not None and info.world_size > 1:
+            os._exit(code)
+        cleanup_distributed()
+        sys.exit(code)
+    cleanup_distributed()
+
+
+def all_reduce_sum(values, info: DistInfo):
+    """Sum a list of Python numbers over all ranks (float64 on the collective device)."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

@@ -1,0 +1,34 @@
+"""What finetune.py and finetune_lora.py share: the starting model, the data, the step count."""
+import os
+
+from custom_dataset import FinetuneLoader
+from models.gpt2 import GPT2Config
+from utils.checkpoints.model import load_config as load_checkpoint_config
+from utils.checkpoints.model import load_model, save_model
+
+
+def load_pretrained(cfg):
+    """The model checkpoint to start from, with this run's dropout; --model_type, if set, must match it."""
+    expected = None
+    if cfg.model_type:  # compare shapes only: vocab padding is the checkpoint's business
+        expected = GPT2Config.from_preset(cfg.model_type,
+                                          pad_vocab_multiple=load_checkpoint_config(cfg.pretrained_ckpt).pad_vocab_multiple)
+    return load_model(cfg.pretrained_ckpt, config=expected, embed_dropout=cfg.embed_dropout,
+                      attn_dropout=cfg.attn_dropout, resid_dropout=cfg.resid_dropout)
+
+
+def finetune_loader(cfg, split, info):
+    return FinetuneLoader(os.path.join(cfg.data_dir, f"{split}.jsonl"), cfg.micro_batch_size,
+                          cfg.gradient_accum_steps if split == "train" else 1, rank=info.rank,
+                          world_size=info.world_size, seed=cfg.seed, max_seq_length=cfg.max_seq_length,
+                          shuffle=split == "train")
+
+
+def finetune_steps(cfg, loader):
+    """num_epochs over the training set; max_train_iters, when set, caps it."""
+    steps = cfg.num_epochs * loader.steps_per_epoch
+    return min(steps, cfg.max_train_iters) if cfg.max_train_iters else steps
+
+
+def save_full_model(state_dict, model, directory):
+    save_model(model, directory, state_dict=state_dict)
