@@ -9,21 +9,16 @@ class FinetuneConfig(TrainingConfig):
     model_type: str = ""                 # empty = the checkpoint's; a preset name makes a mismatch an error
     pretrained_ckpt: str = "checkpoints/pretrain/final"  # model checkpoint dir (ours, or convert_hf_checkpoint.py output)
     data_dir: str = "data/finetune_built"  # build_finetune_datasets.py output: train.jsonl, val.jsonl
-    max_seq_length: int = 1024           # longer examples are cut (build_finetune_datasets.py already fits them)
     num_epochs: int = 2                  # passes over the training set
     max_train_iters: int = 0             # 0 = num_epochs worth of steps; otherwise a cap
 
     micro_batch_size: int = 4
     gradient_accum_steps: int = 8
     weight_decay: float = 0.0
-    adamw_betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
 
-    init_lr: float = 0.0
     max_lr: float = 3e-5
     min_lr: float = 3e-6
     warmup_steps: int = 100
-    max_decay_steps: int = 0             # 0 = the last step
 
     resid_dropout: float = 0.1
     embed_dropout: float = 0.1

@@ -15,7 +15,6 @@ class FinetuneLoRAConfig(FinetuneConfig):
 
     max_lr: float = 3e-4                 # LoRA takes a larger learning rate than full fine-tuning
     min_lr: float = 3e-5
-    weight_decay: float = 0.0
     log_dir: str = "runs/finetune_lora"
     ckpt_dir: str = "checkpoints/finetune_lora"
 

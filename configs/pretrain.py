@@ -11,28 +11,19 @@ from configs.training import TrainingConfig
 @dataclass
 class PretrainConfig(TrainingConfig):
     model_type: str = "gpt2-xl"          # 1558M parameters
-    max_seq_length: int = 1024
     # Mixture of built datasets as "dir:weight" pairs, e.g. the original's blend:
     # ("data/openwebtext2:0.6", "data/enwiki:0.3", "data/zhwiki:0.1"). Empty = data_dir alone.
     datasources: tuple[str, ...] = ()
     data_dir: str = "data/pretrain_built"
 
-    micro_batch_size: int = 8
     gradient_accum_steps: int = 16       # per rank; 8 GPUs x 8 x 16 x 1024 = 1M tokens per step
     max_train_iters: int = 100_000
-    weight_decay: float = 0.1
-    adamw_betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
 
-    init_lr: float = 0.0
-    max_lr: float = 4e-4
-    min_lr: float = 2e-5
     warmup_steps: int = 2000
     max_decay_steps: int = 100_000
 
     eval_interval: int = 1000
     eval_iters: int = 100
-    log_interval: int = 10
     log_dir: str = "runs/pretrain"
     ckpt_dir: str = "checkpoints/pretrain"
     ckpt_interval: int = 1000

@@ -1,6 +1,7 @@
 """Fields shared by pretrain.py, finetune.py and finetune_lora.py.
 
-Each script's module (configs/pretrain.py, ...) subclasses this and sets its own defaults.
+Each script's module (configs/pretrain.py, ...) subclasses this and sets only the defaults that
+differ from these.
 Edit those files for lasting changes; override any field on the command line: --field=value.
 """
 from dataclasses import dataclass

@@ -33,6 +33,14 @@ class GPT2Config:
         m = max(1, self.pad_vocab_multiple)
         return (self.vocab_size + m - 1) // m * m
 
+    SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
+
+    def shape_differences(self, other, mine="checkpoint", theirs="requested") -> list:
+        """The fields that give the two configs different weights (dropout and eps do not), described."""
+        other = other if isinstance(other, dict) else other.__dict__
+        return [f"{k}: {mine} {getattr(self, k)!r} vs {theirs} {other[k]!r}"
+                for k in self.SHAPE_FIELDS if k in other and getattr(self, k) != other[k]]
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT2Config":
         if name not in PRESETS:

@@ -92,9 +92,7 @@ def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, *
     """
     saved = load_config(directory)
     if config is not None:
-        diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs requested {getattr(config, k)!r}"
-                for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple")
-                if getattr(saved, k) != getattr(config, k)]
+        diff = saved.shape_differences(config)
         if diff:
             raise CheckpointError(f"{directory}: checkpoint config does not match: " + "; ".join(diff))
     cfg = GPT2Config(**{**saved.__dict__, **config_overrides})

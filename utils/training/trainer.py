@@ -87,9 +87,7 @@ def check_resume_compatible(path, model_config):
     """A training checkpoint of another model size is refused before DCP fails on shapes."""
     with open(os.path.join(path, STATE_FILE)) as f:
         saved = json.load(f).get("model_config", {})
-    diff = [f"{k}: checkpoint {saved[k]} vs now {getattr(model_config, k)}"
-            for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
-            if k in saved and saved[k] != getattr(model_config, k)]
+    diff = model_config.shape_differences(saved, mine="now", theirs="checkpoint")
     if diff:
         raise TrainingError(f"{path} was saved from another model ({'; '.join(diff)}); use the same --model_type "
                             "or another --ckpt_dir")
