@@ -7,15 +7,17 @@ r, alpha and the targets come from the adapter's own adapter_config.json; a base
 the one the adapter was trained on (other shapes or other weights) is refused.
 """
 import argparse
-import sys
 
 from utils.checkpoints.adapter import export_peft, merge_adapter
-from utils.checkpoints.model import CheckpointError, save_model
-from utils.files import OutputExistsError, check_output_dir
+from utils.checkpoints.model import save_model
+from utils.cli import run
+from utils.files import check_output_dir
+
+PROG = "convert_lora_checkpoint.py"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="convert_lora_checkpoint.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="base model checkpoint dir (the adapter's pretrained_ckpt); needed to merge")
     p.add_argument("--lora", required=True, help="adapter dir written by finetune_lora.py")
@@ -25,21 +27,18 @@ def main(argv=None):
                    help="merge even if the base weights differ from the adapter's recorded base (shapes are still checked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = p.parse_args(argv)
-    try:
-        check_output_dir(args.output, args.overwrite)
-        if args.to_peft:
-            export_peft(args.lora, args.output, overwrite=args.overwrite)
-            print(f"PEFT adapter written to {args.output}")
-            return
-        if not args.base:
-            p.error("--base is required to merge (or pass --to_peft)")
-        merged, config = merge_adapter(args.base, args.lora, check_fingerprint=not args.skip_fingerprint)
-        save_model(merged, args.output, overwrite=args.overwrite)
-        print(f"merged adapter (r={config['r']}, alpha={config['alpha']}, targets={','.join(config['targets'])}) "
-              f"into {args.base} -> {args.output}")
-    except (CheckpointError, OutputExistsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"convert_lora_checkpoint.py: error: {e}")
+    check_output_dir(args.output, args.overwrite)
+    if args.to_peft:
+        export_peft(args.lora, args.output, overwrite=args.overwrite)
+        print(f"PEFT adapter written to {args.output}")
+        return
+    if not args.base:
+        p.error("--base is required to merge (or pass --to_peft)")
+    merged, config = merge_adapter(args.base, args.lora, check_fingerprint=not args.skip_fingerprint)
+    save_model(merged, args.output, overwrite=args.overwrite)
+    print(f"merged adapter (r={config['r']}, alpha={config['alpha']}, targets={','.join(config['targets'])}) "
+          f"into {args.base} -> {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run(PROG, main)
