@@ -54,8 +54,13 @@ def end_ckpt(tmp_path_factory):
     return path
 
 
+def exact(args):
+    """fp32 unless a test asks for a dtype: the references below are computed in fp32."""
+    return [*map(str, args)] + ([] if "--dtype" in args else ["--dtype", "float32"])
+
+
 def script(name, *args, stdin=None):
-    proc = subprocess.run([sys.executable, name, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, name, *exact(args)], cwd=REPO, capture_output=True, text=True,
                           input=stdin, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -67,7 +72,7 @@ def in_process(module, capfd, *args, stdin=None, monkeypatch=None):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = 0
     try:
-        run(module.PROG, module.main, [str(a) for a in args])
+        run(module.PROG, module.main, exact(args))
     except SystemExit as e:
         code = e.code
     out, err = capfd.readouterr()
@@ -325,7 +330,7 @@ def test_bf16_runs(ckpt, capfd):
 
 
 def test_decode_layout_changes_memory_not_values(ckpt):
-    from utils.generation.streaming import decode_layout
+    from utils.generation.loading import decode_layout
     plain = load_model(ckpt).eval()
     fast = decode_layout(load_model(ckpt).eval())
     assert fast.lm_head.weight is fast.transformer.wte.weight and not fast.lm_head.weight.is_contiguous()
@@ -334,3 +339,14 @@ def test_decode_layout_changes_memory_not_values(ckpt):
     with torch.no_grad():
         assert (plain(idx)[0] - fast(idx)[0]).abs().max().item() < 1e-5
     assert torch.equal(plain.generate(idx, 40, temperature=0), fast.generate(idx, 40, temperature=0))
+
+
+def test_dtype_auto_says_what_it_chose_and_uses_it(ckpt, capfd, monkeypatch):
+    # Simulate both kinds of CPU: the choice follows the measured bf16/fp32 speed ratio.
+    import utils.hardware as hardware
+    for speedup, chosen in ((3.9, "bfloat16"), (0.02, "float32")):
+        monkeypatch.setattr(hardware, "bf16_speedup", lambda device="cpu", s=speedup: s)
+        rc, out, err = in_process(generate_pretrained, capfd, "--checkpoint", ckpt, "--prompt", "Hi", "--dtype", "auto",
+                                  "--max_new_tokens", 2, "--temperature", 0)
+        assert rc == 0, err
+        assert f"{chosen} (--dtype=auto: bf16 matmuls run" in err
