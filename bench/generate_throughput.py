@@ -23,7 +23,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel  # noqa: E402
 from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
-from utils.generation.streaming import decode_layout  # noqa: E402
+from utils.generation.loading import decode_layout  # noqa: E402
 
 
 def build(preset, seed=0):
