@@ -1,6 +1,7 @@
-"""Merge a LoRA adapter into its base model, or export it for HF PEFT.
+r"""Merge a LoRA adapter into its base model, or export it for HF PEFT.
 
-    python convert_lora_checkpoint.py --base checkpoints/gpt2 --lora checkpoints/finetune_lora/final --output checkpoints/merged
+    python convert_lora_checkpoint.py --base checkpoints/gpt2 --lora checkpoints/finetune_lora/final \
+        --output checkpoints/merged
     python convert_lora_checkpoint.py --lora checkpoints/finetune_lora/final --to_peft --output exports/peft_adapter
 
 r, alpha and the targets come from the adapter's own adapter_config.json; a base model other than
@@ -24,7 +25,8 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="merged model checkpoint dir (or PEFT adapter dir with --to_peft)")
     p.add_argument("--to_peft", action="store_true", help="export the adapter in HF PEFT's layout instead of merging")
     p.add_argument("--skip_fingerprint", action="store_true",
-                   help="merge even if the base weights differ from the adapter's recorded base (shapes are still checked)")
+                   help="merge even if the base weights differ from the adapter's recorded base "
+                        "(shapes are still checked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = p.parse_args(argv)
     check_output_dir(args.output, args.overwrite)

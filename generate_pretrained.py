@@ -2,7 +2,8 @@
 
     python generate_pretrained.py --checkpoint checkpoints/gpt2 --prompt "The meaning of life is"
     python generate_pretrained.py --checkpoint out/final --prompt "ROMEO:" --prompt "JULIET:" --seed 1
-    python generate_pretrained.py --checkpoint out/final --prompt "<|endoftext|>" --temperature 0   # unconditional, greedy
+    # unconditional, greedy
+    python generate_pretrained.py --checkpoint out/final --prompt "<|endoftext|>" --temperature 0
 
 Each prompt is echoed, then its continuation; generation stops at <|endoftext|> (unless
 --ignore_eot) or after --max_new_tokens. A summary line per prompt (prompt tokens, new tokens,
@@ -43,7 +44,8 @@ def read_prompts(args):
             with open(path, encoding="utf-8", errors="replace") as f:
                 prompts.append(f.read())
     if not prompts:
-        raise UsageError("no prompt: give --prompt TEXT or --prompt_file PATH ('<|endoftext|>' for unconditional samples)")
+        raise UsageError("no prompt: give --prompt TEXT or --prompt_file PATH "
+                         "('<|endoftext|>' for unconditional samples)")
     for i, text in enumerate(prompts):
         if text == "":
             raise UsageError(f"prompt {i + 1} is empty; give some text (or '<|endoftext|>' for unconditional samples)")

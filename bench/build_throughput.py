@@ -138,7 +138,8 @@ def main():
         corpus = os.path.join(work, "corpus")
         t0 = time.perf_counter()
         size, n_docs = write_corpus(corpus, int(args.size_mb * 2**20))
-        print(f"corpus: {size / 2**20:.0f} MB, {n_docs:,} documents, written in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"corpus: {size / 2**20:.0f} MB, {n_docs:,} documents, "
+              f"written in {time.perf_counter() - t0:.0f} s", flush=True)
 
         limit = int(args.baseline_mb * 2**20) if args.baseline_mb else size
         b_tokens, b_seconds, b_cpu, b_bytes = single_process_rate(corpus, limit)
@@ -151,14 +152,15 @@ def main():
         rate = tokens / seconds
         target = 0.8 * args.num_workers * single
         print(f"build_pretrain_datasets.py --num_workers {args.num_workers}: {tokens:,} tokens in {seconds:.1f} s "
-              f"= {rate:,.0f} tokens/s, peak RSS {peak / 2**20:.0f} MB; {cpu:.1f} CPU-s = {tokens / cpu:,.0f} tokens per "
-              f"CPU-second ({tokens / cpu / single_cpu:.2f} x the single process's); 1-min load average "
+              f"= {rate:,.0f} tokens/s, peak RSS {peak / 2**20:.0f} MB; {cpu:.1f} CPU-s = {tokens / cpu:,.0f} "
+              f"tokens per CPU-second ({tokens / cpu / single_cpu:.2f} x the single process's); 1-min load average "
               f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)", flush=True)
         print()
         print("| corpus | documents | tokens | 1 tiktoken process (tokens/s) | build, N workers (tokens/s) | "
               "speed-up (target >= 0.8 x N) | tokens per CPU-s, build / single | peak RSS (all processes) |")
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {size / 2**20:,.0f} MB | {n_docs:,} | {tokens:,} | {single:,.0f} | {rate:,.0f} (N={args.num_workers}) | "
+        print(f"| {size / 2**20:,.0f} MB | {n_docs:,} | {tokens:,} | {single:,.0f} | "
+              f"{rate:,.0f} (N={args.num_workers}) | "
               f"{rate / single:.2f}x ({'met' if rate >= target else 'missed'}) | {tokens / cpu / single_cpu:.2f} | "
               f"{peak / 2**20:,.0f} MB ({'< 1 GB' if peak < 2**30 else '>= 1 GB'}) |")
     finally:

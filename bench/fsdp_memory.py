@@ -62,7 +62,8 @@ def main():
     p.add_argument("--model_type", default="gpt2")
     p.add_argument("--world_sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--mixed_precision", action="store_true", help="bf16 compute (memory of the fp32 masters is the same)")
+    p.add_argument("--mixed_precision", action="store_true",
+                   help="bf16 compute (memory of the fp32 masters is the same)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -73,7 +74,7 @@ def main():
                "--worker", "--model_type", args.model_type, "--seq_len", str(args.seq_len)]
         cmd += ["--mixed_precision"] if args.mixed_precision else []
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out_line for out_line in out.stdout.splitlines() if out_line.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"world size {n} failed:\n{out.stderr[-3000:]}")
         results[n] = json.loads(line[len("RESULT "):])["ranks"]

@@ -129,7 +129,8 @@ def profile_step(step, label, rows, tries=3):
     from torch.profiler import ProfilerActivity, profile
     best = None
     for _ in range(tries):
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU]
+                     + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
             t0 = time.perf_counter()
             step()
             dt = time.perf_counter() - t0
@@ -150,15 +151,18 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="steps per timed measurement")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of measurements")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
-    p.add_argument("--optimizer", default="fused", choices=["fused", "foreach"], help="AdamW implementation, both sides")
+    p.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
+                   help="AdamW implementation, both sides")
     p.add_argument("--pad_vocab_multiple", type=int, default=64, help="our vocab padding (transformers keeps 50257)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--malloc", default="default", choices=["default", "tuned"],
-                   help="tuned: utils.hardware.tune_cpu_allocator() for the whole process (both sides), as the loop may")
+                   help="tuned: utils.hardware.tune_cpu_allocator() for the whole process (both sides), "
+                        "as the loop may")
     p.add_argument("--warm_compile_cache", action="store_true",
                    help="reuse the inductor cache on disk (default: a fresh one, so compile time is a cold compile)")
-    p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of one step (ours eager, transformers)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler tables of one step (ours eager, transformers)")
     p.add_argument("--profile_rows", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -195,7 +199,8 @@ def main():
         models.append(("ours eager", ours, False))
     if "compile" in modes:
         ours_c = copy.deepcopy(ours)
-        for block in ours_c.transformer.h:  # as utils/training/parallelize.py does: one compiled graph serves every block
+        # as utils/training/parallelize.py does: one compiled graph serves every block
+        for block in ours_c.transformer.h:
             block.compile(dynamic=False)
         models.append(("ours compile", ours_c, False))
     if "eager" not in modes:
@@ -235,8 +240,8 @@ def main():
     print(f"\n### Training throughput, {args.config} config, block {T}, micro-batch {args.batch_size}, "
           f"allocator {args.malloc} ({date})\n")
     print(f"quiet rounds (matmul peak >= 80% of the best): {[r + 1 for r in quiet]} of {args.repeats}\n")
-    print("| precision | model | tokens/s (median, quiet rounds) | tokens/s (best) | × transformers (median of quiet rounds) "
-          "| MFU (median) | compile |")
+    print("| precision | model | tokens/s (median, quiet rounds) | tokens/s (best) "
+          "| × transformers (median of quiet rounds) | MFU (median) | compile |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for dt in dtypes:
         peak = max(peaks[dt])
@@ -251,11 +256,13 @@ def main():
             per_round = ", ".join(f"{x:.2f}" for x in ratios) if name != "transformers eager" else ""
             ratio = f"{statistics.median(ratios):.2f}" + (f" ({per_round})" if len(ratios) > 1 and per_round else "")
             comp = f"{compile_s[dt]:.0f} s" if name == "ours compile" else ""
-            print(f"| {dt} | {name} | {med:,.0f} | {best:,.0f} | {ratio} | {100 * mfu(med, flops_tok, peak):.0f} % | {comp} |")
+            print(f"| {dt} | {name} | {med:,.0f} | {best:,.0f} | {ratio} | "
+                  f"{100 * mfu(med, flops_tok, peak):.0f} % | {comp} |")
     for dt in dtypes:
         print(f"\nmeasured {dt} matmul peak (2048³) per round: "
               + ", ".join(f"{x / 1e9:.0f}" for x in peaks[dt]) + " GFLOP/s; MFU uses the best")
-    print("MFU = median tokens/s of the quiet rounds × model FLOPs per token ÷ best measured matmul peak of the same dtype.")
+    print("MFU = median tokens/s of the quiet rounds × model FLOPs per token ÷ best measured matmul peak "
+          "of the same dtype.")
 
     if args.profile:
         for dt in dtypes:

@@ -125,7 +125,8 @@ def config_help(cfg_cls, prog: str, description: str = "") -> str:
     docs = field_comments(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         doc = docs.get(f.name, "")
-        lines.append(f"  --{f.name:<26} {_type_name(hints[f.name])} = {getattr(defaults, f.name)!r}" + (f"  # {doc}" if doc else ""))
+        lines.append(f"  --{f.name:<26} {_type_name(hints[f.name])} = {getattr(defaults, f.name)!r}"
+                     + (f"  # {doc}" if doc else ""))
     return "\n".join(lines)
 
 

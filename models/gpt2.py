@@ -149,7 +149,8 @@ class KVCache:
             B = self.k.size(1)
             if new_valid is None:
                 new_valid = torch.ones(B, T, dtype=torch.bool, device=self.k.device)
-            old = self.valid if self.valid is not None else torch.ones(B, self.length, dtype=torch.bool, device=self.k.device)
+            old = self.valid if self.valid is not None else \
+                torch.ones(B, self.length, dtype=torch.bool, device=self.k.device)
             self.valid = torch.cat([old, new_valid], dim=1)  # (B, L)
             L, T = self.valid.size(1), new_valid.size(1)
             causal = torch.ones(T, L, dtype=torch.bool, device=self.k.device).tril(diagonal=L - T)

@@ -78,9 +78,11 @@ def _write_finetune_data(directory, n_train=96, n_val=16):
         with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
             for _ in range(n):
                 c, t = rng.choice(colours), rng.choice(things)
-                prompt = format_prompt(f"What colour is the {t}?", context=f"The {t} is {c}." if rng.random() < 0.5 else None)
+                prompt = format_prompt(f"What colour is the {t}?",
+                                       context=f"The {t} is {c}." if rng.random() < 0.5 else None)
                 f.write(json.dumps({"prompt_ids": enc.encode_ordinary(prompt),
-                                    "completion_ids": enc.encode_ordinary(format_completion(f"The {t} is {c}."))}) + "\n")
+                                    "completion_ids": enc.encode_ordinary(format_completion(f"The {t} is {c}."))})
+                        + "\n")
     return directory
 
 

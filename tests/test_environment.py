@@ -29,7 +29,8 @@ def test_no_startup_hooks_installed():
         for pth in glob.glob(os.path.join(d, "*.pth")):
             with open(pth, encoding="utf-8", errors="replace") as f:
                 # a .pth line starting with "import" is executed at every interpreter start
-                if any(line.startswith(("import ", "import\t")) for line in f) and os.path.basename(pth) not in ALLOWED_PTH:
+                if any(line.startswith(("import ", "import\t")) for line in f) and \
+                        os.path.basename(pth) not in ALLOWED_PTH:
                     hooks.setdefault(d, []).append(os.path.basename(pth))
     assert not hooks, f"startup hooks (.pth files that run code) in the environment: {hooks}"
 

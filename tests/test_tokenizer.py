@@ -13,7 +13,8 @@ def test_known_ids():
     assert enc.encode_batch(["Hello world", " world"]) == [[15496, 995], [995]]
 
 
-@pytest.mark.parametrize("text", ["naïve café — 日本語 🤖🎉", "  tabs\tand\n\n\nnewlines  ", "", "a" * 5000, "\u200b\x00"])
+@pytest.mark.parametrize("text", ["naïve café — 日本語 🤖🎉", "  tabs\tand\n\n\nnewlines  ", "", "a" * 5000,
+                                  "\u200b\x00"])
 def test_round_trip(text):
     enc = tok.get_tokenizer()
     assert enc.decode(enc.encode(text)) == text

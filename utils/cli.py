@@ -33,11 +33,13 @@ def log(msg):
 
 
 def parser(prog, description):
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_output_flags(p):
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory (written to a temporary name, renamed when complete)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory (written to a temporary name, renamed when complete)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
 
 
@@ -63,4 +65,5 @@ def human_bytes(n):
 
 
 def dir_size(path):
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))

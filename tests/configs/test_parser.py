@@ -29,7 +29,8 @@ def test_types_are_parsed():
 
 
 def test_unknown_field_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown config field --max_iters; valid fields: model_type, max_train_iters"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config field --max_iters; valid fields: model_type, max_train_iters"):
         parse_overrides(DemoConfig(), ["--max_iters=5"])
 
 

@@ -147,7 +147,8 @@ def test_finetuned_stdin_loop_keeps_history(ckpt, monkeypatch, capfd):
     answers = out.split("\n")[:-1]
     assert len(answers) == 3  # the blank line is skipped
     history = []
-    for q, a, line in zip([q for q in questions if q], answers, [e for e in err.splitlines() if e.startswith("[prompt")]):
+    for q, a, line in zip([q for q in questions if q], answers,
+                          [e for e in err.splitlines() if e.startswith("[prompt")]):
         prompt_ids = enc.encode_ordinary(format_prompt(q, None, history))
         assert f"[prompt {len(prompt_ids)} tokens" in line  # earlier turns are in the prompt
         assert a == extract_answer(enc.decode(expected_new_ids(ckpt, prompt_ids, 12, temperature=0)))
@@ -191,7 +192,8 @@ def test_help():
     for name in ("generate_pretrained.py", "generate_finetuned.py"):
         rc, out, _ = script(name, "--help")
         assert rc == 0
-        for flag in ("--checkpoint", "--max_new_tokens", "--temperature", "--top_k", "--top_p", "--seed", "--device", "--dtype"):
+        for flag in ("--checkpoint", "--max_new_tokens", "--temperature", "--top_k", "--top_p", "--seed",
+                     "--device", "--dtype"):
             assert flag in out, (name, flag)
 
 
@@ -300,7 +302,8 @@ def test_answer_stream_prints_exactly_the_answer(generated):
                 stopped_at = k
                 break
         printed += stream.finish()
-        assert printed == stream.answer == extract_answer("".join(pieces[: len(pieces) if stopped_at is None else stopped_at + 1]))
+        assert printed == stream.answer == \
+            extract_answer("".join(pieces[: len(pieces) if stopped_at is None else stopped_at + 1]))
         assert printed == extract_answer(generated)
         if any(m in generated for m in (END_MARKER, "\n\n### User:", "\n\n### Context:")):
             assert stopped_at is not None

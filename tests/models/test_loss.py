@@ -9,7 +9,8 @@ from models.loss import linear_cross_entropy
 
 def reference(x, w, targets, vocab_size, reduction):
     logits = (x @ w.t())[..., :vocab_size]  # padded rows sliced off, as the model does
-    return F.cross_entropy(logits.float().reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(logits.float().reshape(-1, vocab_size), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
 
 
 def loss_and_grads(fn, x, w, *args):
@@ -30,7 +31,8 @@ def test_matches_cross_entropy_fp32(reduction, vocab_size, padded, chunk_rows):
     targets = torch.randint(0, vocab_size, (3, 21))
     targets[0, :9] = -100  # ignored positions, a whole stretch of them
     targets[2, -1] = -100
-    ours = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), x, w, targets, vocab_size, reduction)
+    ours = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows),
+                          x, w, targets, vocab_size, reduction)
     ref = loss_and_grads(reference, x, w, targets, vocab_size, reduction)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-6)  # grad of the hidden states

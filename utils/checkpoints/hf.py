@@ -15,15 +15,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.gpt2 import GPT2LMHeadModel
+from utils.checkpoints.hf_mapping import (
+    IGNORED_HF_SUFFIXES,
+    HFConversionError,
+    config_from_hf,
+    config_to_hf,
+    hf_to_ours,
+    ours_to_hf,
+)
 from utils.checkpoints.model import WEIGHTS_NAME, CheckpointError, check_state_dict, load_config, save_model
 from utils.files import atomic_dir, atomic_file, check_output_dir
-from utils.checkpoints.hf_mapping import IGNORED_HF_SUFFIXES, HFConversionError, config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
 from utils.tokenizer import EOT_TOKEN, VOCAB_SIZE, vocab_files
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOT_TEXT = "<|endoftext|>"
 # Weight files of a save_pretrained dir, in the order transformers prefers them.
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 
 
 # ---------------------------------------------------------------------------------------- import

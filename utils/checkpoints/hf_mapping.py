@@ -29,7 +29,8 @@ def config_from_hf(hf_config, pad_vocab_multiple: int = 1) -> GPT2Config:
         unsupported.append(f"activation_function={c['activation_function']!r} (need gelu_new)")
     if c.get("n_inner") not in (None, 4 * c["n_embd"]):
         unsupported.append(f"n_inner={c['n_inner']} (need 4*n_embd)")
-    for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+    for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                       ("reorder_and_upcast_attn", False)):
         if c.get(flag, want) != want:
             unsupported.append(f"{flag}={c[flag]}")
     if c.get("add_cross_attention"):

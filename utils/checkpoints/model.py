@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
-from utils.files import atomic_dir, atomic_file
 from utils.errors import UserError
+from utils.files import atomic_dir, atomic_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -33,7 +33,8 @@ def full_state_dict(model) -> dict:
 
 def save_model(model, directory, overwrite: bool = True, state_dict=None, extra_config=None):
     """Write `model` (a GPT2LMHeadModel, or its full `state_dict` + config) atomically to `directory`."""
-    sd = full_state_dict(model) if state_dict is None else {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    sd = full_state_dict(model) if state_dict is None else \
+        {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     config = {"format": FORMAT, **model.config.__dict__, **(extra_config or {})}
     return write_tensors_and_config(directory, sd, WEIGHTS_NAME, config, CONFIG_NAME, overwrite)
 
@@ -41,7 +42,8 @@ def save_model(model, directory, overwrite: bool = True, state_dict=None, extra_
 def write_tensors_and_config(directory, tensors, weights_name, config, config_name, overwrite):
     """A safetensors file + a JSON config, written into a temporary dir renamed to `directory` when complete."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, weights_name), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, weights_name),
+                  metadata={"format": "pt"})
         with atomic_file(os.path.join(tmp, config_name)) as f:
             json.dump(config, f, indent=2)
     return directory
@@ -50,7 +52,8 @@ def write_tensors_and_config(directory, tensors, weights_name, config, config_na
 def load_config(directory) -> GPT2Config:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a directory; a model checkpoint is a directory with {WEIGHTS_NAME} and {CONFIG_NAME}")
+        raise CheckpointError(f"{directory}: not a directory; "
+                              f"a model checkpoint is a directory with {WEIGHTS_NAME} and {CONFIG_NAME}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a model checkpoint (written by save_model)? "
                               "Convert an HF model first with convert_hf_checkpoint.py")

@@ -9,11 +9,14 @@ from utils.hardware import choose_bf16
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model checkpoint directory (model.safetensors + config.json)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available, else cpu")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="model checkpoint directory (model.safetensors + config.json)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="bfloat16: weights in bf16 (half the memory) under bf16 autocast; float32: exact; "
-                        "auto (default): bfloat16 where bf16 matmuls are fast (CUDA, CPUs with bf16 units), else float32")
+                        "auto (default): bfloat16 where bf16 matmuls are fast (CUDA, CPUs with bf16 units), "
+                        "else float32")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -26,11 +29,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
-    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens, metavar="N", help=f"(default {max_new_tokens})")
+    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"(default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200, metavar="K", help="sample from the K most likely tokens; 0 = no limit (default 200)")
-    p.add_argument("--top_p", type=float, default=1.0, metavar="P", help="nucleus sampling, in (0, 1]; 1 = off (default)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, metavar="R", help="> 1 discourages repeats; 1 = off (default)")
+    p.add_argument("--top_k", type=int, default=200, metavar="K",
+                   help="sample from the K most likely tokens; 0 = no limit (default 200)")
+    p.add_argument("--top_p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling, in (0, 1]; 1 = off (default)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages repeats; 1 = off (default)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="makes sampling reproducible (each prompt gives what it gives alone with this seed); "
                         "without it a random seed is drawn and reported")
@@ -45,6 +52,7 @@ def check_args(args):
         check_sampling_args(args.temperature, top_k, args.top_p, args.repetition_penalty)
     except ValueError as e:
         raise UsageError(str(e).replace("temperature ", "--temperature ").replace("top_k ", "--top_k ")
-                         .replace("top_p ", "--top_p ").replace("repetition_penalty ", "--repetition_penalty ")) from None
+                         .replace("top_p ", "--top_p ")
+                         .replace("repetition_penalty ", "--repetition_penalty ")) from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
