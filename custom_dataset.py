@@ -110,11 +110,11 @@ class PretrainLoader(_GlobalOrder):
 
     def _open(self, data_dir):
         path = os.path.join(data_dir, f"{self.split}.bin")
-        hint = f"run build_pretrain_datasets.py --input CLEANED_DIR --output {data_dir} first"
         if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"pretraining data directory {data_dir} does not exist; {hint}")
+            raise FileNotFoundError(f"pretraining data directory {data_dir} does not exist; run "
+                                    f"build_pretrain_datasets.py --input CLEANED_DIR --output {data_dir} first")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {data_dir} is not a built pretraining dataset; {hint}")
+            raise FileNotFoundError(f"{path} not found: {_what_is(data_dir, 'pretraining')}")
         meta_path = os.path.join(data_dir, "meta.json")
         if os.path.isfile(meta_path):
             with open(meta_path, encoding="utf-8") as f:
@@ -275,14 +275,37 @@ def load_examples(path):
     return prompts, completions
 
 
+def _what_is(data_dir, wanted) -> str:
+    """What a directory given as --data_dir holds instead of a built dataset for `wanted` training, and what to do."""
+    names = os.listdir(data_dir)
+    built = {"pretraining": ("build_pretrain_datasets.py", "train.bin"),
+             "fine-tuning": ("build_finetune_datasets.py", "train.jsonl")}
+    script, _ = built[wanted]
+    for kind, (_, marker) in built.items():
+        if kind != wanted and marker in names:
+            return (f"{data_dir} is a built {kind} dataset ({marker}); {wanted} reads {script} output "
+                    f"({built[wanted][1]}, ...)")
+    if any(n.endswith(".jsonl") for n in names):
+        # Prepared (cleaned) files: build them into another directory, never into the input itself.
+        return (f"{data_dir} holds prepared files, not a built {wanted} dataset; run {script} --input {data_dir} "
+                "--output BUILT_DIR and pass --data_dir=BUILT_DIR")
+    if not names:
+        return f"{data_dir} is empty; run {script} --input PREPARED_DIR --output {data_dir} first"
+    return (f"{data_dir} is not a built {wanted} dataset; run {script} --input PREPARED_DIR --output BUILT_DIR "
+            "and pass --data_dir=BUILT_DIR")
+
+
 class FinetuneLoader(_GlobalOrder):
     """Batches of padded fine-tuning examples from a build_finetune_datasets.py train.jsonl / val.jsonl."""
 
     def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
                  max_seq_length=None, shuffle=True):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"fine-tuning data {path} not found; run build_finetune_datasets.py "
-                                    f"--input PREPARED_DIR --output {os.path.dirname(path) or '.'} first")
+            data_dir = os.path.dirname(path) or "."
+            if not os.path.isdir(data_dir):
+                raise FileNotFoundError(f"fine-tuning data {path} not found; run build_finetune_datasets.py "
+                                        f"--input PREPARED_DIR --output {data_dir} first")
+            raise FileNotFoundError(f"fine-tuning data {path} not found: {_what_is(data_dir, 'fine-tuning')}")
         self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
         self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
         self._prompts, self._completions = load_examples(path)

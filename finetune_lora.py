@@ -5,6 +5,8 @@ low-rank factors trained, saved as an adapter (adapter.safetensors + adapter_con
     python finetune_lora.py --help     # every field of configs/finetune_lora.py
 Merge into a plain model with convert_lora_checkpoint.py.
 """
+import os
+
 from configs.finetune_lora import FinetuneLoRAConfig
 from configs.parser import load_config
 from models.lora import apply_lora, mark_only_lora_trainable
@@ -29,7 +31,10 @@ def main(argv=None):
 
     task = TrainTask("finetune_lora", build_model, lambda split, info: finetune_loader(cfg, split, info), save_final,
                      total_steps=lambda loader: finetune_steps(cfg, loader), ignore_frozen_params=True,
-                     extra_state={"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets)}})
+                     # Compared on resume: another r, alpha, targets or base would not continue this adapter.
+                     extra_state={"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
+                                           "train_bias": cfg.train_bias},
+                                  "base": os.path.realpath(cfg.pretrained_ckpt)})
     return train(cfg, task, prog="finetune_lora.py")
 
 

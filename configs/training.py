@@ -92,3 +92,6 @@ class TrainingConfig:
             raise ConfigError(f"--mixed_precision must be auto, true or false, got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        from models.gpt2 import PRESETS
+        if self.model_type and self.model_type not in PRESETS:
+            raise ConfigError(f"--model_type={self.model_type}: unknown preset; choose one of {', '.join(PRESETS)}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from utils.checkpoints.model import load_model
-from utils.checkpoints.training import list_checkpoints, resolve_resume
+from utils.checkpoints.training import list_checkpoints, step_dir_name
 
 TINY = ["--model_type=gpt2-tiny", "--max_seq_length=32", "--mixed_precision=false", "--device=cpu",
         "--max_lr=3e-3", "--min_lr=3e-4", "--warmup_steps=2", "--max_decay_steps=8", "--max_train_iters=8",
@@ -141,12 +141,11 @@ def test_kill_during_save_never_leaves_a_checkpoint_resume_would_pick(tmp, run_s
     assert killed_mid_save
     leftovers = [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")]
     assert leftovers, "expected the half-written checkpoint to be left under its temporary name"
-    complete = list_checkpoints(ckpt)
-    newest = resolve_resume("auto", str(ckpt))
-    assert newest == complete[-1][1] and not newest.endswith(".tmp")
-    last = complete[-1][0]
-    run_script("pretrain.py", *pretrain_args(tmp, "killed", ckpt_interval=1, max_train_iters=last + 1,
-                                             keep_last_ckpts=50, resume="auto"))
+    last = list_checkpoints(ckpt)[-1][0]
+    out = run_script("pretrain.py", *pretrain_args(tmp, "killed", ckpt_interval=1, max_train_iters=last + 1,
+                                                   keep_last_ckpts=50, resume="auto"))
+    # The run itself says where it continued from: the newest complete checkpoint, not the half-written one.
+    assert f"resumed from {ckpt / step_dir_name(last)} at step {last}" in out.stdout
     assert list_checkpoints(ckpt)[-1][0] == last + 1
     assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]  # cleaned by the next save
 

@@ -8,11 +8,17 @@ import hashlib
 import json
 import os
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models.gpt2 import GPT2Config
 from models.lora import apply_lora, lora_modules, mark_only_lora_trainable
-from utils.checkpoints.model import WEIGHTS_NAME, CheckpointError, write_tensors_and_config
+from utils.checkpoints.model import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    read_safetensors,
+    training_dir_hint,
+    write_tensors_and_config,
+)
 from utils.files import atomic_dir
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -43,7 +49,8 @@ def save_adapter(directory, adapter_sd, *, r, alpha, dropout, targets, train_bia
 def load_adapter_config(directory) -> dict:
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG}; a LoRA adapter is a directory written by finetune_lora.py")
+        raise CheckpointError(training_dir_hint(directory) or
+                              f"{directory}: no {ADAPTER_CONFIG}; a LoRA adapter is a directory written by finetune_lora.py")
     with open(path) as f:
         config = json.load(f)
     if config.get("format") != FORMAT:
@@ -73,7 +80,7 @@ def attach_adapter(model, adapter_dir, base_dir=None, check_fingerprint=True):
     if base_dir is not None:
         check_base(config, base_dir, model.config, check_fingerprint)
     apply_lora(model, config["r"], config["alpha"], config["dropout"], config["targets"])
-    sd = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    sd = read_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     expected = {k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k}
     missing = sorted(expected - set(sd))
     unexpected = sorted(k for k in set(sd) - expected if not k.endswith(".bias"))
@@ -109,7 +116,7 @@ def export_peft(adapter_dir, output_dir, overwrite=False):
 
     from models.lora import SLICE_NAMES, TARGETS
     config = load_adapter_config(adapter_dir)
-    sd = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    sd = read_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     r, alpha, C = config["r"], config["alpha"], config["base_config"]["n_embd"]
     slices = [t for t in config["targets"] if t in SLICE_NAMES]
     whole = [t for t in config["targets"] if t not in SLICE_NAMES]

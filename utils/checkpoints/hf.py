@@ -23,7 +23,14 @@ from utils.checkpoints.hf_mapping import (
     hf_to_ours,
     ours_to_hf,
 )
-from utils.checkpoints.model import WEIGHTS_NAME, CheckpointError, check_state_dict, load_config, save_model
+from utils.checkpoints.model import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_state_dict,
+    load_config,
+    open_safetensors,
+    save_model,
+)
 from utils.files import atomic_dir, atomic_file, check_output_dir
 from utils.tokenizer import EOT_TOKEN, VOCAB_SIZE, vocab_files
 
@@ -217,7 +224,7 @@ def export_to_hf(checkpoint, output, overwrite=False):
     check_output_dir(output, overwrite)
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
-    with safe_open(weights, framework="pt") as f, atomic_dir(output, overwrite=True) as tmp:
+    with open_safetensors(weights) as f, atomic_dir(output, overwrite=True) as tmp:
         check_state_dict(model, {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()},
                          source=weights)
         hf_sd = {}

@@ -6,6 +6,7 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -49,13 +50,49 @@ def write_tensors_and_config(directory, tensors, weights_name, config, config_na
     return directory
 
 
+def read_safetensors(path, device="cpu") -> dict:
+    """Every tensor of a safetensors file; a truncated or corrupt file is a CheckpointError naming it."""
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def open_safetensors(path):
+    """safe_open(path) (tensors read one at a time), with read_safetensors' error."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def _unreadable(path, e):
+    return f"{path}: unreadable ({e}): the file is truncated or corrupt; copy or write it again"
+
+
+def training_dir_hint(directory) -> str:
+    """For a training run's ckpt_dir or one of its step_* checkpoints given where a finished model is
+    expected: where that run's model is (its final/). Empty for any other directory."""
+    directory = os.path.normpath(directory)
+    if not os.path.isdir(directory):
+        return ""
+    if os.path.isfile(os.path.join(directory, "trainer_state.json")):  # a step_* dir: DCP shards for resuming
+        final = os.path.join(os.path.dirname(directory), "final")
+        return (f"{directory} is a training checkpoint (for --resume), not a finished model; the run's model is "
+                f"{final}" + ("" if os.path.isdir(final) else ", written when the run finishes"))
+    if os.path.isdir(os.path.join(directory, "final")) or any(n.startswith("step_") for n in os.listdir(directory)):
+        return f"{directory} is a training run's --ckpt_dir; its finished model is {os.path.join(directory, 'final')}"
+    return ""
+
+
 def load_config(directory) -> GPT2Config:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; "
                               f"a model checkpoint is a directory with {WEIGHTS_NAME} and {CONFIG_NAME}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a model checkpoint (written by save_model)? "
+        raise CheckpointError(training_dir_hint(directory) or
+                              f"{directory}: no {CONFIG_NAME}; is this a model checkpoint (written by save_model)? "
                               "Convert an HF model first with convert_hf_checkpoint.py")
     try:
         with open(path) as f:
@@ -102,7 +139,7 @@ def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, *
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    sd = load_file(path, device=str(device))
+    sd = read_safetensors(path, device)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     check_state_dict(model, sd, source=path)

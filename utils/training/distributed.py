@@ -5,10 +5,14 @@ gets a (1-rank) process group, so FSDP2 and torch.distributed.checkpoint run the
 every world size.
 """
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +42,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_with_launcher():
+    """Under torchrun, get SIGTERM when the launcher dies.
+
+    torchrun starts its workers in sessions of their own, so a killed launcher would leave them training
+    (and racing the next run in the same ckpt_dir). SIGTERM is the clean stop: finish the step, save, exit.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch():  # elsewhere: poll for the launcher's death
+        while os.getppid() == launcher:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="stop_with_launcher").start()
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30, cpu_threads: int = 0) -> DistInfo:
     """Join torchrun's process group (RANK/WORLD_SIZE/LOCAL_RANK) or make a 1-process one."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stop_with_launcher()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -4,32 +4,24 @@ A script describes its run as a TrainTask (how to build the model, the data load
 at the end); `train()` does the rest: process group, FSDP2, AdamW, LR schedule, gradient
 accumulation, evaluation, logging, checkpoints, resume, and stopping cleanly.
 """
-import json
 import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from models.loss import IGNORE_INDEX
-from utils.checkpoints.training import (
-    STATE_FILE,
-    gather_model_state_dict,
-    list_checkpoints,
-    load_training_checkpoint,
-    resolve_resume,
-    save_training_checkpoint,
-)
+from utils.checkpoints.training import TrainingCheckpointer, gather_model_state_dict
 from utils.errors import UserError
 from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
-from utils.training.metrics import mfu, model_flops_per_token
+from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
 from utils.training.parallelize import parallelize
 
@@ -71,49 +63,32 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def check_fresh_or_resume(cfg, resume_path):
-    """Refuse to start over a directory that already holds a run, unless resuming it."""
-    if resume_path is not None:
-        return
-    existing = list_checkpoints(cfg.ckpt_dir)
-    finished = os.path.isdir(os.path.join(cfg.ckpt_dir, "final"))
-    if existing or finished:
-        what = f"training checkpoints up to step {existing[-1][0]}" if existing else "a finished run (final/)"
-        hint = "--resume=auto to continue it" if cfg.resume != "auto" else "another --ckpt_dir"
-        raise TrainingError(f"--ckpt_dir={cfg.ckpt_dir} already holds {what}; use {hint}, or choose another --ckpt_dir")
-
-
-def check_resume_compatible(path, model_config):
-    """A training checkpoint of another model size is refused before DCP fails on shapes."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        saved = json.load(f).get("model_config", {})
-    diff = model_config.shape_differences(saved, mine="now", theirs="checkpoint")
-    if diff:
-        raise TrainingError(f"{path} was saved from another model ({'; '.join(diff)}); use the same --model_type "
-                            "or another --ckpt_dir")
-
-
 def train(cfg, task: TrainTask, prog=None):
     """Run the task under torchrun (or as one process). Returns a summary dict on every rank.
 
     Errors the user can fix end the process with a one-line message (exit code 2).
     """
     with distributed_run(cfg.device, prog=prog or task.name, cpu_threads=cfg.cpu_threads) as info:
-        return _train(cfg, task, info)
+        # Before the model is built, so that a run that cannot start is refused at once: a ckpt_dir in use
+        # or holding another run, an unreadable or foreign checkpoint, a log_dir with another run's logs.
+        with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer, \
+                RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=bool(cfg.resume)) as run_log:
+            return _train(cfg, task, info, checkpointer, run_log)
 
 
-def _train(cfg, task, info):
+def _train(cfg, task, info, checkpointer, run_log):
     cfg.resolve_batch(info.world_size)
-    resume_path = resolve_resume(cfg.resume, cfg.ckpt_dir)
-    check_fresh_or_resume(cfg, resume_path)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()
     if cfg.max_seq_length > model.config.block_size:
         raise TrainingError(f"--max_seq_length={cfg.max_seq_length} exceeds the model's block_size {model.config.block_size}")
-    if resume_path is not None:
-        check_resume_compatible(resume_path, model.config)
     train_loader = task.make_loader("train", info)
     max_steps = task.total_steps(train_loader) if task.total_steps else cfg.max_train_iters
+    if checkpointer.finished(max_steps):
+        _print(info, f"{cfg.ckpt_dir} holds a finished run (step {checkpointer.resume_step} of {max_steps}; model in "
+                     f"{checkpointer.final_dir}): nothing to do. To train on, raise --max_train_iters or --num_epochs")
+        return {"memory": None, "steps": checkpointer.resume_step, "max_steps": max_steps, "history": [], "eval": None,
+                "checkpoint": checkpointer.resume_path, "stopped_early": False, "final": checkpointer.final_dir}
     decay_steps = cfg.max_decay_steps or max_steps
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -127,22 +102,8 @@ def _train(cfg, task, info):
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs between ranks
     optimizer = build_optimizer(model, cfg, info.device)
 
-    step = 0
-    if resume_path is not None:
-        state = load_training_checkpoint(resume_path, model, optimizer, info, cfg.seed, task.ignore_frozen_params)
-        step = state["step"]
-        train_loader.load_state_dict(state["data"])
-        _print(info, f"resumed from {resume_path} at step {step} (saved at world size {state['world_size']}, now {info.world_size})")
-    elif cfg.resume == "auto":
-        _print(info, f"resume=auto: no checkpoint in {cfg.ckpt_dir}, starting fresh")
-
+    step = checkpointer.load(model, optimizer, train_loader)  # 0 for a fresh run; else everything restored
     start_step, memory = step, None
-    writer = metrics = None
-    if info.is_main:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        metrics = open(os.path.join(cfg.log_dir, "metrics.jsonl"), "a")  # every step at full precision
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(cfg.log_dir, purge_step=step)  # drop events a resumed run will redo
     global_batch = cfg.micro_batch_size * cfg.gradient_accum_steps * info.world_size
     _print(info, f"{task.name}: {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.2f}M trainable), world size "
                  f"{info.world_size} ({info.device.type}/{info.backend}), global batch {global_batch} x {cfg.max_seq_length} "
@@ -177,14 +138,16 @@ def _train(cfg, task, info):
             if info.world_size > 1:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / max(n_tokens, 1)
-            if not math.isfinite(train_loss):
-                last = list_checkpoints(cfg.ckpt_dir)
-                raise TrainingError(f"loss is {train_loss} at step {step + 1}: training diverged. Nothing was saved for "
-                                    f"this step; the last good checkpoint is {last[-1][1] if last else 'none'}. "
-                                    "Lower --max_lr, raise --warmup_steps or check the data, then --resume=auto")
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm, foreach=True)
             grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+            # A finite loss can still come with an inf/nan gradient: that step would poison the weights and every
+            # checkpoint after it. Stop before the optimizer step, with the last good checkpoint untouched.
+            for what, value in (("loss", train_loss), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):
+                    raise TrainingError(f"{what} is {value} at step {step + 1}: training diverged. Nothing was saved "
+                                        f"for this step; the last good checkpoint is {checkpointer.latest() or 'none'}. "
+                                        "Lower --max_lr, raise --warmup_steps or check the data, then --resume=auto")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -197,15 +160,7 @@ def _train(cfg, task, info):
                 memory = record["memory"] = sharded_bytes(model, optimizer, info)
                 _print(info, "per-rank memory: parameters " + ", ".join(f"{b / 2**20:.1f}" for b in memory["params"])
                        + " MiB; optimizer state " + ", ".join(f"{b / 2**20:.1f}" for b in memory["optimizer"]) + " MiB")
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if writer:
-                writer.add_scalar("train/loss", train_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-                writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-                writer.add_scalar("train/mfu", record["mfu"], step)
+            run_log.train(record)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
             if info.is_main and (step % cfg.log_interval == 0 or step == max_steps):
@@ -213,25 +168,15 @@ def _train(cfg, task, info):
                           f"{tokens_per_sec:,.0f} tok/s | MFU {record['mfu']:.1%}")
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == max_steps:
                 last_eval = evaluate(model, task, cfg, info)
-                if metrics:
-                    metrics.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in last_eval.items()}}) + "\n")
-                if writer:
-                    writer.add_scalar("eval/loss", last_eval["loss"], step)
-                    writer.add_scalar("eval/perplexity", last_eval["perplexity"], step)
+                run_log.eval(step, last_eval)
                 if info.is_main:
                     bar.write(f"step {step} | eval loss {last_eval['loss']:.4f} | perplexity {last_eval['perplexity']:.2f}")
             stopping = n_stop > 0
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == max_steps or stopping:
-                trainer_state = {"data": train_loader.state_dict(), "task": task.name, "config": _jsonable(asdict(cfg)),
-                                 "model_config": asdict(model_config), **task.extra_state}
-                saved = save_training_checkpoint(cfg.ckpt_dir, step, model, optimizer, trainer_state, info,
-                                                 cfg.keep_last_ckpts, task.ignore_frozen_params)
+                saved = checkpointer.save(step)
             if stopping:
                 break
     bar.close()
-    if writer:
-        writer.close()
-        metrics.close()
     summary = {"memory": memory, "steps": step, "max_steps": max_steps, "history": history, "eval": last_eval, "checkpoint": saved,
                "stopped_early": step < max_steps}
     if step < max_steps:
@@ -284,6 +229,3 @@ def _print(info, msg):
     if info.is_main:
         tqdm.write(msg)
 
-
-def _jsonable(d):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
