@@ -224,6 +224,12 @@ def test_resuming_a_finished_run_says_so_and_keeps_final(tmp, run6, capsys):
     after = weights.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # final/ not rewritten
     assert (run6 / "runs" / "metrics.jsonl").read_text() == metrics
+    # Stopped between its last checkpoint and final/: the resumed run only writes final/, from that checkpoint.
+    unwritten = clone(run6, tmp / "unwritten")
+    shutil.rmtree(unwritten / "ckpt" / "final")
+    code, out, err = run(pretrain.main, pretrain_args(tmp, "unwritten", resume="auto"), capsys)
+    assert code == 0 and "done: 6 steps; model saved to" in out and "nan" not in out, (out[-2000:], err[-2000:])
+    assert (unwritten / "ckpt" / "final" / "model.safetensors").read_bytes() == weights.read_bytes()
 
 
 def test_a_checkpoint_dir_given_as_a_model_points_to_final(tmp, run6, capsys):

@@ -189,7 +189,7 @@ def _train(cfg, task, info, checkpointer, run_log):
         task.save_final(full, model, final_dir)
     dist.barrier()
     summary["final"] = final_dir
-    _print(info, f"done: {step} steps, final train loss {history[-1]['loss'] if history else float('nan'):.4f}"
+    _print(info, f"done: {step} steps" + (f", final train loss {history[-1]['loss']:.4f}" if history else "")
                  + (f", eval loss {last_eval['loss']:.4f} (perplexity {last_eval['perplexity']:.2f})" if last_eval else "")
                  + f"; model saved to {final_dir}")
     return summary
