@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 
 def stop_with_launcher():
-    """Under torchrun, get SIGTERM when the launcher dies.
+    """Under torchrun, get one SIGTERM when the launcher dies.
 
     torchrun starts its workers in sessions of their own, so a killed launcher would leave them training
     (and racing the next run in the same ckpt_dir). SIGTERM is the clean stop: finish the step, save, exit.
@@ -51,17 +51,25 @@ def stop_with_launcher():
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
+
+    def launcher_died(signum=None, frame=None):
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     if sys.platform.startswith("linux"):
+        # The kernel signals a child each time a thread of its dying parent exits (torchrun has several), so
+        # the death signal is SIGUSR2, passed on once as SIGTERM: a second SIGTERM would abort the save.
+        signal.signal(signal.SIGUSR2, launcher_died)
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGUSR2)
         if os.getppid() != launcher:  # it died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+            launcher_died()
         return
 
     def watch():  # elsewhere: poll for the launcher's death
         while os.getppid() == launcher:
             time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
+        launcher_died()
     threading.Thread(target=watch, daemon=True, name="stop_with_launcher").start()
 
 
@@ -128,6 +136,10 @@ def distributed_run(device: str = "auto", prog="miniGPT", cpu_threads: int = 0):
         sys.stderr.flush()
         sys.stdout.flush()
         if info is not None and info.world_size > 1:
+            if code == 2 and not rank0:
+                # The ranks raise the same user error together, but only rank 0 prints it: torchrun stops every
+                # rank as soon as one exits, so leave rank 0 the time to print before this exit triggers that.
+                time.sleep(5)
             os._exit(code)
         cleanup_distributed()
         sys.exit(code)
