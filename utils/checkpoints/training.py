@@ -15,7 +15,6 @@ run killed mid-save leaves only a `.tmp` directory, which `resume=auto` never pi
 The trainer makes one `TrainingCheckpointer` per run and calls `load(...)` and `save(step)` on it;
 every stateful part (model + optimizer, data loader, RNG) saves and loads its own state.
 """
-import errno
 import fcntl
 import json
 import os
@@ -44,9 +43,6 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
 LOCK_FILE = ".lock"
-# Settings a resumed run must share with the run that saved the checkpoint: the data order, the
-# sample boundaries and (LoRA) the trained factors depend on them. Everything else may change.
-MUST_MATCH = ("seed", "max_seq_length", "data_dir", "datasources", "pretrained_ckpt")
 
 
 def step_dir_name(step: int) -> str:
@@ -175,12 +171,11 @@ class DirLock:
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock on this filesystem: go by the pid
-                if _holder_alive(previous):
-                    os.close(fd)
-                    raise CheckpointError(self._in_use(previous)) from None
-            else:
+        except BlockingIOError:  # held by a live process
+            os.close(fd)
+            raise CheckpointError(self._in_use(previous)) from None
+        except OSError:  # no flock on this filesystem (some network mounts): go by the recorded pid
+            if _holder_alive(previous):
                 os.close(fd)
                 raise CheckpointError(self._in_use(previous)) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -210,18 +205,19 @@ def _describe(holder_json):
 
 
 def _holder_alive(holder_json):
+    """Whether the process a lock file names still runs (only where flock is not available)."""
     try:
         h = json.loads(holder_json)
     except ValueError:
-        return False
+        return False  # empty: released
     if h.get("host") != socket.gethostname():
         return True  # cannot tell from here: assume it runs
     try:
         os.kill(int(h["pid"]), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
