@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from models.gpt2 import GPT2Config
 from utils.checkpoints.model import CheckpointError, read_safetensors
 from utils.files import atomic_file, replace_dir
 
@@ -377,10 +378,8 @@ class TrainingCheckpointer:
         return state["step"]
 
     def _check_compatible(self, path, state, model_config):
-        saved = state.get("model_config", {})
-        diff = [f"{k}: checkpoint {saved[k]} vs now {getattr(model_config, k)}"
-                for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
-                if k in saved and saved[k] != getattr(model_config, k)]
+        saved = state.get("model_config")
+        diff = GPT2Config.from_dict(saved).shape_differences(model_config, "checkpoint", "now") if saved else []
         if diff:
             raise CheckpointError(f"{path} was saved from another model ({'; '.join(diff)}); use the same "
                                   "--model_type or another --ckpt_dir")

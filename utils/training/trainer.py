@@ -145,9 +145,10 @@ def _train(cfg, task, info, checkpointer, run_log):
             # checkpoint after it. Stop before the optimizer step, with the last good checkpoint untouched.
             for what, value in (("loss", train_loss), ("gradient norm", grad_norm)):
                 if not math.isfinite(value):
+                    last = checkpointer.latest() or "none"
                     raise TrainingError(f"{what} is {value} at step {step + 1}: training diverged. Nothing was saved "
-                                        f"for this step; the last good checkpoint is {checkpointer.latest() or 'none'}. "
-                                        "Lower --max_lr, raise --warmup_steps or check the data, then --resume=auto")
+                                        f"for this step; the last good checkpoint is {last}. Lower --max_lr, raise "
+                                        "--warmup_steps or check the data, then --resume=auto")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
