@@ -9,10 +9,11 @@ the one the adapter was trained on (other shapes or other weights) is refused.
 """
 import argparse
 
-from utils.checkpoints.adapter import export_peft, merge_adapter
+from utils.checkpoints.adapter import PEFT_MARK, export_peft, merge_adapter
+from utils.checkpoints.model import MARK as MODEL_MARK
 from utils.checkpoints.model import save_model
 from utils.cli import run
-from utils.files import check_output_dir
+from utils.files import check_output
 
 PROG = "convert_lora_checkpoint.py"
 
@@ -29,7 +30,7 @@ def main(argv=None):
                         "(shapes are still checked)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = p.parse_args(argv)
-    check_output_dir(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, PEFT_MARK if args.to_peft else MODEL_MARK, [args.base, args.lora])
     if args.to_peft:
         export_peft(args.lora, args.output, overwrite=args.overwrite)
         print(f"PEFT adapter written to {args.output}")

@@ -1,20 +1,76 @@
 """Writing outputs so that nothing is ever left half-written under its final name."""
 import contextlib
+import json
 import os
 import shutil
 import uuid
+from typing import NamedTuple
 
 from utils.errors import UserError
 
 
 class OutputExistsError(UserError, FileExistsError):
-    """The output exists and --overwrite was not given."""
+    """The output exists and may not be replaced, or it overlaps an input."""
 
 
-def check_output_dir(path, overwrite: bool, what="output"):
-    """Refuse an existing, non-empty output unless --overwrite was given."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
-        raise OutputExistsError(f"{what} {path} already exists; pass --overwrite to replace it or choose another path")
+class OutputMark(NamedTuple):
+    """How a directory that a script wrote is recognised: a file it always holds and what that file says
+    (a .json file: `key` present, equal to `value` if given; a text file: its first line is `key`)."""
+    file: str
+    key: str
+    value: object = None
+
+    def on(self, directory) -> bool:
+        try:
+            with open(os.path.join(directory, self.file), encoding="utf-8") as f:
+                if not self.file.endswith(".json"):
+                    return f.readline().rstrip("\n") == self.key
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(d, dict) and self.key in d and (self.value is None or d[self.key] == self.value)
+
+
+def _inside(path, parent) -> bool:
+    return path != parent and os.path.commonpath([path, parent]) == parent
+
+
+def check_apart(output, inputs, flag="--output"):
+    """Refuse an output that is an input, sits inside one (a later run would read it back as input) or
+    holds one (replacing it would delete the input). Symlinks are resolved."""
+    out = os.path.realpath(output)
+    for path in inputs:
+        if path is None:
+            continue
+        src = os.path.realpath(path)
+        if out == src:
+            why = f"is the input {path}: writing it would replace the input; choose another {flag}"
+        elif _inside(out, src):
+            why = f"is inside the input {path}: a later run would read it back as input; choose a {flag} outside it"
+        elif _inside(src, out):
+            why = f"holds the input {path}: replacing it would delete the input; choose a {flag} outside it"
+        else:
+            continue
+        raise OutputExistsError(f"{flag} {output} {why}")
+
+
+def check_output(output, overwrite: bool, mark: OutputMark, inputs=(), what="output directory"):
+    """Before any work is done, refuse an output that overlaps an input (check_apart), and an existing one
+    unless --overwrite was given and it is this script's own output, recognised by `mark`: --overwrite
+    never deletes anything else. An absent or empty directory is fine."""
+    check_apart(output, inputs)
+    if not os.path.lexists(output) or (os.path.isdir(output) and not os.listdir(output)):
+        return
+    if not os.path.isdir(output):
+        raise OutputExistsError(f"{what} {output} is an existing file, not a directory; "
+                                "remove it or choose another path")
+    if not mark.on(output):
+        raise OutputExistsError(f"{what} {output} already exists and was not written by this script (it has no "
+                                f"{mark.file} of ours); --overwrite replaces only this script's own output: "
+                                f"choose another path or empty it yourself")
+    if not overwrite:
+        raise OutputExistsError(f"{what} {output} already exists; pass --overwrite to replace it "
+                                "or choose another path")
 
 
 @contextlib.contextmanager
@@ -44,7 +100,10 @@ def replace_dir(src, dst):
         old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
         os.rename(dst, old)
         os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file or a link: rmtree refuses those (and ignore_errors used to leave NAME.old-* behind)
+            os.remove(old)
     else:
         os.rename(src, dst)
 

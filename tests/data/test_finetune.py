@@ -91,7 +91,8 @@ def test_prepare_errors(tmp_path, write, fails, no_output):
     good = write(tmp_path / "good.jsonl", '{"prompt": "p", "completion": "c"}\n')
     write(os.path.join(out, "examples.jsonl"), "old")
     msg = fails(prepare_data_finetune, ["--input", good, "--output", out])
-    assert "already exists; pass --overwrite" in msg and open(os.path.join(out, "examples.jsonl")).read() == "old"
+    assert "already exists and was not written by this script" in msg  # --overwrite would be refused too
+    assert open(os.path.join(out, "examples.jsonl")).read() == "old"
     msg = fails(build_finetune_datasets, ["--input", str(tmp_path / "nowhere"), "--output", out])
     assert msg.endswith("does not exist; check the path")
 

@@ -19,11 +19,12 @@ from utils.checkpoints.model import (
     training_dir_hint,
     write_tensors_and_config,
 )
-from utils.files import atomic_dir
+from utils.files import OutputMark, atomic_dir
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "minigpt-lora"
+PEFT_MARK = OutputMark("adapter_config.json", "peft_type", "LORA")  # a PEFT LoRA dir: what --overwrite may replace
 
 
 def fingerprint(model_dir) -> str:

@@ -23,6 +23,7 @@ from utils.checkpoints.hf_mapping import (
     hf_to_ours,
     ours_to_hf,
 )
+from utils.checkpoints.model import MARK as MODEL_MARK
 from utils.checkpoints.model import (
     WEIGHTS_NAME,
     CheckpointError,
@@ -31,11 +32,12 @@ from utils.checkpoints.model import (
     open_safetensors,
     save_model,
 )
-from utils.files import atomic_dir, atomic_file, check_output_dir
+from utils.files import OutputMark, atomic_dir, atomic_file, check_output
 from utils.tokenizer import EOT_TOKEN, VOCAB_SIZE, vocab_files
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOT_TEXT = "<|endoftext|>"
+HF_MARK = OutputMark("config.json", "model_type", "gpt2")  # a transformers GPT-2 dir: what --overwrite may replace
 # Weight files of a save_pretrained dir, in the order transformers prefers them.
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
@@ -45,7 +47,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 def import_hf_dir(hf_dir, output, pad_vocab_multiple=1, overwrite=False):
     """Convert a local transformers GPT-2 directory into a model checkpoint at `output`."""
-    check_output_dir(output, overwrite)
+    check_output(output, overwrite, MODEL_MARK, [hf_dir])
     hf_config = _read_hf_config(hf_dir)
     config_from_hf(hf_config)  # unsupported variants fail here, before any weight file is opened
     with _open_weights(hf_dir) as tensors:
@@ -59,7 +61,7 @@ def import_hf_model(name, output, pad_vocab_multiple=1, overwrite=False):
     if short not in HUB_MODELS:
         raise HFConversionError(f"unknown --hf_model {name!r}: choose one of {', '.join(HUB_MODELS)} "
                                 "(for another GPT-2, save_pretrained it and pass --hf_dir)")
-    check_output_dir(output, overwrite)
+    check_output(output, overwrite, MODEL_MARK)
     import transformers
     try:
         hf = transformers.GPT2LMHeadModel.from_pretrained(name, dtype=torch.float32)
@@ -221,7 +223,7 @@ def export_to_hf(checkpoint, output, overwrite=False):
     weights = os.path.join(checkpoint, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise CheckpointError(f"{checkpoint}: no {WEIGHTS_NAME}")
-    check_output_dir(output, overwrite)
+    check_output(output, overwrite, HF_MARK, [checkpoint])
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     with open_safetensors(weights) as f, atomic_dir(output, overwrite=True) as tmp:

@@ -11,11 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
 from utils.errors import UserError
-from utils.files import atomic_dir, atomic_file
+from utils.files import OutputMark, atomic_dir, atomic_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "minigpt-gpt2"
+MARK = OutputMark(CONFIG_NAME, "format", FORMAT)  # a model checkpoint: what --overwrite may replace
 
 
 class CheckpointError(UserError, ValueError):

@@ -15,12 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.data.readers import BadLine, BadLines, DataError, discover_files, output_writer, write_json
+from utils.data.kinds import check_build_input, mark
 from utils.data.parallel_map import ordered_map
 from utils.tokenizer import get_tokenizer
 
 CHUNK_BYTES = 4 << 20
 DTYPE = np.uint16
-FORMAT = "minigpt-pretrain-tokens-v1"
+FORMAT = mark("pretrain_built").value
 
 
 def check_vocab_fits(n_vocab: int, dtype=DTYPE):
@@ -120,12 +121,13 @@ def build_pretrain(input_dir, output, val_fraction=0.0005, seed=1337, num_worker
         raise DataError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     enc = get_tokenizer()
     check_vocab_fits(enc.n_vocab)
+    check_build_input(input_dir, "pretrain_prepared")
     files = discover_files([input_dir], {"jsonl"})
     for f in files:
         if f.endswith((".gz", ".bz2")):
             raise DataError(f"{f} is compressed; this step reads plain .jsonl (prepare_data_pretrain.py writes it): "
                             f"decompress the file or run prepare_data_pretrain.py on it")
-    writer = output_writer(output, overwrite)
+    writer = output_writer(output, overwrite, mark("pretrain_built"), [input_dir])
     chunks, n_docs = plan_chunks(files, chunk_bytes or CHUNK_BYTES)
     is_val = val_mask(n_docs, val_fraction, seed)
     tasks = ((path, s, e, line, is_val[d:d + n].view(np.uint8).tobytes(), text_field)

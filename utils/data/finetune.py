@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from utils.data.build_pretrain import val_mask
 from utils.data.readers import BadLine, BadLines, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, read_lines, write_json
+from utils.data.kinds import check_build_input, mark
 from utils.prompt_template import format_completion, format_prompt
 from utils.data.cleaning import clean_field
 from utils.tokenizer import get_tokenizer
@@ -27,7 +28,7 @@ COMPLETION_KEYS = ("completion", "answer", "output", "response", "answers")
 CONTEXT_KEYS = ("context", "input")
 USER_ROLES = {"user", "human", "prompter"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
-FORMAT = "minigpt-finetune-tokens-v1"
+FORMAT = mark("finetune_built").value
 
 _EXPECTED = ("expected prompt/completion, instruction/output, question/answer, "
              "or a dialogue (a list of turns, \"messages\" or \"conversations\")")
@@ -160,7 +161,7 @@ def examples_from_record(rec):
 def prepare_finetune(inputs, output, overwrite=False, log=print):
     """Raw Q&A files -> output/examples.jsonl + report.json; returns the report."""
     files = discover_files(inputs, INPUT_KINDS)
-    writer = output_writer(output, overwrite)
+    writer = output_writer(output, overwrite, mark("finetune_prepared"), inputs)
     seen = set()
     report = {"inputs": [os.path.abspath(p) for p in inputs], "files_read": 0, "files_skipped": [],
               "records": 0, "examples_out": 0, "dropped": {"empty": 0, "duplicate": 0, "unanswered_turns": 0},
@@ -264,8 +265,9 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
         raise DataError(f"--max_seq_len must be >= 2, got {max_seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    check_build_input(input_dir, "finetune_prepared")
     files = discover_files([input_dir], {"jsonl"})
-    writer = output_writer(output, overwrite)
+    writer = output_writer(output, overwrite, mark("finetune_built"), [input_dir])
     enc = get_tokenizer()
     n_lines = sum(1 for path in files for _ in read_lines(path))
     is_val = val_mask(n_lines, val_fraction, seed)

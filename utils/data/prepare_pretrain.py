@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.data.readers import BadLine, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, write_json
+from utils.data.kinds import mark
 from utils.data.parallel_map import ordered_map
 from utils.data.cleaning import clean_text
 
@@ -114,7 +115,7 @@ def prepare_pretrain(inputs, output, opts: PrepareOptions = None, num_workers=1,
     if opts.shard_mb <= 0:
         raise DataError(f"--shard_mb must be > 0, got {opts.shard_mb}")
     files = discover_files(inputs, INPUT_KINDS)
-    writer = output_writer(output, overwrite)
+    writer = output_writer(output, overwrite, mark("pretrain_prepared"), inputs)
     with writer as tmp:
         parts_dir = os.path.join(tmp, ".parts")
         os.makedirs(parts_dir)

@@ -20,7 +20,7 @@ import os
 import re
 from typing import NamedTuple
 
-from utils.files import atomic_dir, check_output_dir
+from utils.files import atomic_dir, check_output
 from utils.errors import UserError
 
 
@@ -28,11 +28,12 @@ class DataError(UserError):
     """A user-facing error; its message is one line saying what is wrong and what to do."""
 
 
-def output_writer(output, overwrite):
-    """Refuse an existing, non-empty `output` without --overwrite now, before any work is done;
-    return the context manager that later writes it under a temporary name and renames it."""
-    check_output_dir(output, overwrite, "output directory")
-    return atomic_dir(output, overwrite=True)  # runs on `with`; absent, empty or --overwrite: checked above
+def output_writer(output, overwrite, mark, inputs=()):
+    """Refuse now, before any work is done, an `output` that overlaps an input or exists and may not be
+    replaced (utils.files.check_output); return the context manager that later writes it under a
+    temporary name and renames it."""
+    check_output(output, overwrite, mark, inputs)
+    return atomic_dir(output, overwrite=True)  # runs on `with`; absent, empty or ours with --overwrite: checked above
 
 
 class BadLine(NamedTuple):

