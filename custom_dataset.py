@@ -24,12 +24,14 @@ right padding and causal attention, padding never affects a real token.
 import json
 import math
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from models.loss import IGNORE_INDEX
+from utils.data.kinds import not_built_hint
 from utils.errors import UserError
 from utils.tokenizer import EOT_TOKEN
 
@@ -110,11 +112,8 @@ class PretrainLoader(_GlobalOrder):
 
     def _open(self, data_dir):
         path = os.path.join(data_dir, f"{self.split}.bin")
-        if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"pretraining data directory {data_dir} does not exist; run "
-                                    f"build_pretrain_datasets.py --input CLEANED_DIR --output {data_dir} first")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {_what_is(data_dir, 'pretraining')}")
+            raise FileNotFoundError(f"pretraining data {path} not found: {not_built_hint(data_dir, 'pretrain')}")
         meta_path = os.path.join(data_dir, "meta.json")
         if os.path.isfile(meta_path):
             with open(meta_path, encoding="utf-8") as f:
@@ -255,6 +254,36 @@ def finetune_collate(examples, pad_id=EOT_TOKEN, max_seq_length=None) -> Finetun
     return FinetuneBatch(input_ids, labels)
 
 
+_noted = set()  # the val loader is made afresh at every evaluation: say it once
+
+
+def check_lengths(path, prompts, completions, max_seq_length, log=True):
+    """finetune_collate cuts examples longer than max_seq_length. Refuse when a completion would lose its
+    end (" END" included: the model would learn not to stop); note how many lose the start of their prompt
+    (what build_finetune_datasets.py itself does to long prompts)."""
+    n_prompt = np.array([len(p) for p in prompts])
+    n_completion = np.array([len(c) for c in completions])
+    cut = int((n_prompt + n_completion > max_seq_length).sum())
+    if not cut:
+        return
+    meta_path = os.path.join(os.path.dirname(path), "meta.json")
+    built = None
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            built = json.load(f).get("max_seq_len")
+    built = f" was built with --max_seq_len {built};" if built else ""
+    lost_end = int((n_completion >= max_seq_length).sum())  # _truncate keeps one prompt token in front
+    if lost_end:
+        raise DatasetError(f"{path}{built} at --max_seq_length={max_seq_length}, {lost_end} of its {len(prompts)} "
+                           f"examples would lose the end of their completion (\" END\" included): rebuild it with "
+                           f"build_finetune_datasets.py --max_seq_len {max_seq_length} (which drops those) or raise "
+                           f"--max_seq_length")
+    if log and (path, max_seq_length) not in _noted:
+        _noted.add((path, max_seq_length))
+        print(f"note: {path}{built} at --max_seq_length={max_seq_length}, {cut} of its {len(prompts)} examples "
+              f"lose the start of their prompt", file=sys.stderr, flush=True)
+
+
 def load_examples(path):
     """(prompts, completions): lists of int32 arrays from a train.jsonl / val.jsonl."""
     prompts, completions = [], []
@@ -275,43 +304,22 @@ def load_examples(path):
     return prompts, completions
 
 
-def _what_is(data_dir, wanted) -> str:
-    """What a directory given as --data_dir holds instead of a built dataset for `wanted` training, and what to do."""
-    names = os.listdir(data_dir)
-    built = {"pretraining": ("build_pretrain_datasets.py", "train.bin"),
-             "fine-tuning": ("build_finetune_datasets.py", "train.jsonl")}
-    script, _ = built[wanted]
-    for kind, (_, marker) in built.items():
-        if kind != wanted and marker in names:
-            return (f"{data_dir} is a built {kind} dataset ({marker}); {wanted} reads {script} output "
-                    f"({built[wanted][1]}, ...)")
-    if any(n.endswith(".jsonl") for n in names):
-        # Prepared (cleaned) files: build them into another directory, never into the input itself.
-        return (f"{data_dir} holds prepared files, not a built {wanted} dataset; run {script} --input {data_dir} "
-                "--output BUILT_DIR and pass --data_dir=BUILT_DIR")
-    if not names:
-        return f"{data_dir} is empty; run {script} --input PREPARED_DIR --output {data_dir} first"
-    return (f"{data_dir} is not a built {wanted} dataset; run {script} --input PREPARED_DIR --output BUILT_DIR "
-            "and pass --data_dir=BUILT_DIR")
-
-
 class FinetuneLoader(_GlobalOrder):
     """Batches of padded fine-tuning examples from a build_finetune_datasets.py train.jsonl / val.jsonl."""
 
     def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
                  max_seq_length=None, shuffle=True):
         if not os.path.isfile(path):
-            data_dir = os.path.dirname(path) or "."
-            if not os.path.isdir(data_dir):
-                raise FileNotFoundError(f"fine-tuning data {path} not found; run build_finetune_datasets.py "
-                                        f"--input PREPARED_DIR --output {data_dir} first")
-            raise FileNotFoundError(f"fine-tuning data {path} not found: {_what_is(data_dir, 'fine-tuning')}")
+            hint = not_built_hint(os.path.dirname(path) or ".", "finetune")
+            raise FileNotFoundError(f"fine-tuning data {path} not found: {hint}")
         self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
         self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
         self._prompts, self._completions = load_examples(path)
         if not self._prompts:
             raise DatasetError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
                              f"(for val.jsonl: a --val_fraction above 0)")
+        if max_seq_length is not None:
+            check_lengths(path, self._prompts, self._completions, max_seq_length, log=rank == 0)
         self._perm = (None, None)
 
     def __len__(self):

@@ -14,16 +14,17 @@ def test_prepared_text_given_to_pretraining_suggests_building_into_another_dir(t
     with pytest.raises(FileNotFoundError) as e:
         PretrainLoader([(str(cleaned), 1)], "train", 8, 2)
     message = str(e.value)
-    assert f"{cleaned} holds prepared files, not a built pretraining dataset" in message
-    assert f"build_pretrain_datasets.py --input {cleaned} --output BUILT_DIR and pass --data_dir=BUILT_DIR" in message
-    assert f"--output {cleaned}" not in message  # never build into the input itself
+    assert f"{cleaned} holds .jsonl files, not a built dataset" in message
+    assert (f"build_pretrain_datasets.py --input {cleaned} --output {cleaned}_built, then pass "
+            f"--data_dir={cleaned}_built") in message
+    assert f"--output {cleaned} " not in message and not message.endswith(f"--output {cleaned}")  # never into itself
 
 
 def test_a_dataset_of_the_other_stage_is_named(tmp_path, write_pretrain_data, write_finetune_data):
     pre, sft = write_pretrain_data(tmp_path / "pre", n_docs=50), write_finetune_data(tmp_path / "sft", 8, 4)
-    with pytest.raises(FileNotFoundError, match=f"{pre} is a built pretraining dataset \\(train.bin\\); fine-tuning "
-                                                 "reads build_finetune_datasets.py output"):
+    with pytest.raises(FileNotFoundError, match=f"{pre} is a built pretraining dataset \\(build_pretrain_datasets.py "
+                                                 "output\\), which is for pretrain.py; this run needs a built"):
         FinetuneLoader(f"{pre}/train.jsonl", 2)
-    with pytest.raises(FileNotFoundError, match=f"{sft} is a built fine-tuning dataset \\(train.jsonl\\); "
-                                                 "pretraining reads build_pretrain_datasets.py output"):
+    with pytest.raises(FileNotFoundError, match=f"{sft} is a built fine-tuning dataset \\(build_finetune_datasets.py "
+                                                 "output\\), which is for finetune.py or finetune_lora.py"):
         PretrainLoader([(str(sft), 1)], "train", 8, 2)

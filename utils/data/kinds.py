@@ -67,3 +67,32 @@ def check_build_input(input_dir, kind):
                         f".jsonl that {prepare_script} writes: run {prepare_script} --input {input_dir} --output "
                         f"PREPARED_DIR, then build from PREPARED_DIR")
 
+
+def _built_by_files(names):
+    """A built dataset without our meta.json (hand-made, or older), known by its training file."""
+    return "pretrain_built" if "train.bin" in names else "finetune_built" if "train.jsonl" in names else None
+
+
+def not_built_hint(data_dir, stage) -> str:
+    """Why `data_dir` is no built `stage` ('pretrain' | 'finetune') dataset, and what to run to make one."""
+    d = os.path.normpath(data_dir)
+    prepared, built = f"{stage}_prepared", f"{stage}_built"
+    prepare_script, build_script = KINDS[prepared][2], KINDS[built][2]
+    names = os.listdir(d) if os.path.isdir(d) else []
+    kind = dataset_kind(d) or _built_by_files(names)
+    if kind == prepared or (kind is None and any(n.endswith(".jsonl") for n in names)):
+        what = describe(kind) if kind else ".jsonl files"  # build from it into another directory, never into itself
+        return (f"{d} holds {what}, not a built dataset: build it with {build_script} --input {d} "
+                f"--output {d}_built, then pass --data_dir={d}_built")
+    if kind == built:  # its own kind, with a split file missing (deleted, or a half copy)
+        return f"{d} is {describe(built)} with files missing; rebuild it with {build_script}"
+    if kind is not None:
+        other = "pretrain.py" if stage == "finetune" else "finetune.py or finetune_lora.py"
+        return f"{d} is {describe(kind)}, which is for {other}; this run needs {describe(built)}"
+    if names:
+        return (f"{d} is not {describe(built)}; if it holds raw data, run {prepare_script} --input {d} --output "
+                f"{d}_prepared, then {build_script} --input {d}_prepared --output {d}_built, "
+                f"and pass --data_dir={d}_built")
+    state = "is empty" if os.path.isdir(d) else "does not exist"
+    return (f"{d} {state}; run {build_script} --input PREPARED_DIR --output {d} first "
+            f"(PREPARED_DIR: {prepare_script} output)")
