@@ -73,6 +73,27 @@ def check_output(output, overwrite: bool, mark: OutputMark, inputs=(), what="out
                                 "or choose another path")
 
 
+def _json_with_key(path, key) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and key in d
+
+
+def check_output_file(output, mark_key: str, inputs=()):
+    """The same rules for a script whose --output is one JSON file (evaluate.py): refuse an output that
+    overlaps an input (a checkpoint's own files would be replaced), a directory, and an existing file
+    unless it is a JSON object holding `mark_key`, i.e. this script's own earlier result."""
+    check_apart(output, inputs)
+    if os.path.isdir(output):
+        raise OutputExistsError(f"--output {output} is a directory; give the path of a file to write")
+    if os.path.lexists(output) and not _json_with_key(output, mark_key):
+        raise OutputExistsError(f"--output {output} already exists and was not written by this script (no "
+                                f"{mark_key!r} in it); choose another path or remove it yourself")
+
+
 @contextlib.contextmanager
 def atomic_dir(path, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it is renamed to `path` in one step.

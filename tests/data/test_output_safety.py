@@ -9,7 +9,7 @@ import build_finetune_datasets
 import build_pretrain_datasets
 import prepare_data_finetune
 import prepare_data_pretrain
-from utils.files import replace_dir
+from utils.files import OutputExistsError, check_output_file, replace_dir
 
 
 def snapshot(root):
@@ -129,3 +129,23 @@ def test_build_names_another_stages_data_and_an_already_built_dataset(raw, tmp_p
     msg = fails(build_pretrain_datasets, ["--input", str(built), "--output", str(tmp_path / "o")])
     assert msg.endswith(f"--input {built} is already a built pretraining dataset (build_pretrain_datasets.py output): "
                         f"train on it with --data_dir={built}")
+
+
+def test_a_single_file_output_replaces_only_its_own_earlier_result(tmp_path, write):
+    # evaluate.py --output FILE: a checkpoint's config.json or any other file must never be replaced
+    ckpt = tmp_path / "ckpt"
+    write(ckpt / "config.json", '{"format": "minigpt-gpt2"}')
+    for out, why in ((ckpt / "config.json", "is inside the input"), (ckpt, "is the input"),
+                     (tmp_path, "holds the input")):
+        with pytest.raises(OutputExistsError, match=f"--output {out} {why} {ckpt}"):
+            check_output_file(str(out), "results", [str(ckpt)])
+    write(tmp_path / "notes.json", '{"mine": 1}')
+    with pytest.raises(OutputExistsError, match="already exists and was not written by this script"):
+        check_output_file(str(tmp_path / "notes.json"), "results", [str(ckpt)])
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputExistsError, match="is a directory"):
+        check_output_file(str(tmp_path / "sub"), "results")
+    write(tmp_path / "eval.json", '{"results": {}}')
+    check_output_file(str(tmp_path / "eval.json"), "results", [str(ckpt)])  # its own earlier result: fine
+    check_output_file(str(tmp_path / "new.json"), "results", [str(ckpt)])
+    assert (ckpt / "config.json").read_text() == '{"format": "minigpt-gpt2"}'
