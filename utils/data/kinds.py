@@ -55,7 +55,7 @@ def check_build_input(input_dir, kind):
     for root, dirs, names in os.walk(input_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            plain = name.removesuffix(".gz").removesuffix(".bz2")
+            plain = name.removesuffix(".gz").removesuffix(".bz2")  # read (or, pretraining, refused with a hint) later
             if name.startswith(".") or plain.endswith(".jsonl") or (root == input_dir and name == mark(prepared).file):
                 continue
             foreign.append(os.path.relpath(os.path.join(root, name), input_dir))
