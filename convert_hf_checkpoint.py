@@ -23,7 +23,8 @@ def parse_args(argv=None):
     src.add_argument("--to_hf", action="store_true", help="export --checkpoint to a transformers directory")
     p.add_argument("--checkpoint", metavar="DIR", help="miniGPT model checkpoint to export (with --to_hf)")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write (atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it is an earlier output of this kind (never another directory)")
     p.add_argument("--pad_vocab_multiple", type=int, default=64, metavar="N",
                    help="import: round the embedding rows up to a multiple of N (default 64: 50304 rows, faster "
                         "matmuls; the padding is never sampled and is dropped again on export; 1 = none)")

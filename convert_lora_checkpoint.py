@@ -28,7 +28,8 @@ def main(argv=None):
     p.add_argument("--skip_fingerprint", action="store_true",
                    help="merge even if the base weights differ from the adapter's recorded base "
                         "(shapes are still checked)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it is an earlier output of this kind (never another directory)")
     args = p.parse_args(argv)
     check_output(args.output, args.overwrite, PEFT_MARK if args.to_peft else MODEL_MARK, [args.base, args.lora])
     if args.to_peft:

@@ -40,7 +40,8 @@ def parser(prog, description):
 def add_output_flags(p):
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output directory (written to a temporary name, renamed when complete)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it is this script's own earlier output (never another directory)")
 
 
 def non_negative_int(text):
