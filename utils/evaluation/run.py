@@ -82,8 +82,8 @@ def load_examples(task, limit=None, data_dir=None, wheel_dir=None):
     return build_examples(task, docs, source=f"{task} data")
 
 
-def score_task(model, task, examples, batch_size, device, sync_steps=False):
-    """Metrics of one multiple-choice or LAMBADA task over `examples`, sharded over the ranks."""
+def score_examples(model, examples, batch_size, device, sync_steps=False):
+    """Scores of every example's choices ([[Score]], data set order), the work shared over the ranks."""
     rank, world = _rank_world()
     mine = list(range(rank, len(examples), world))
     requests = [r for i in mine for r in examples[i].requests]
@@ -94,10 +94,18 @@ def score_task(model, task, examples, batch_size, device, sync_steps=False):
         n = len(examples[i].requests)
         per_example.append((i, scores[k:k + n]))
         k += n
-    scores = [s for _, s in _gather(per_example)]
+    return [s for _, s in _gather(per_example)]
+
+
+def task_metrics(task, examples, scores):
     if task in MULTIPLE_CHOICE:
         return multiple_choice_metrics(task, examples, scores)
     return lambada_metrics(scores)
+
+
+def score_task(model, task, examples, batch_size, device, sync_steps=False):
+    """Metrics of one multiple-choice or LAMBADA task over `examples`."""
+    return task_metrics(task, examples, score_examples(model, examples, batch_size, device, sync_steps))
 
 
 def evaluate_tasks(model, specs, data_dir=None, wheel_dir=None, val_data=None, batch_size=32, device="cpu",

@@ -53,7 +53,8 @@ def winogrande(doc) -> Example:
 
 def arc_easy(doc) -> Example:
     labels = list(doc["choices"]["label"])
-    return _choices(f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), labels.index(doc["answerKey"]))
+    gold = labels.index(doc["answerKey"])
+    return _choices(f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), gold)
 
 
 def lambada(doc) -> Example:
