@@ -22,7 +22,9 @@ import time
 import torch
 
 from utils.cli import UsageError, log, parser
-from utils.evaluation.run import default_limit_note, evaluate_tasks, parse_tasks
+from utils.errors import USER_ERRORS, user_message
+from utils.evaluation.run import default_limit_note, evaluate_tasks
+from utils.evaluation.tasks import parse_tasks
 from utils.files import atomic_file
 from utils.training.distributed import distributed_run
 
@@ -125,7 +127,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:  # flag errors, raised before the process group exists: rank 0 says it
+    except USER_ERRORS as e:  # flag errors, raised before the process group exists: rank 0 says it
         if os.environ.get("RANK", "0") == "0":
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)

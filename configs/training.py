@@ -42,6 +42,8 @@ class TrainingConfig:
     # --- evaluation and logging ---
     eval_interval: int = 500             # evaluate every N steps (and at the end); 0 = only at the end
     eval_iters: int = 50                 # validation micro-batches per rank per evaluation
+    eval_tasks: str = ""                 # also score these at each evaluation, e.g. "hellaswag:500,piqa:200"
+                                         # (task:N = its first N examples; tasks as in evaluate.py, val_loss aside)
     log_interval: int = 10               # one log line every N steps
     log_dir: str = "runs/train"          # TensorBoard event files
 
@@ -90,6 +92,9 @@ class TrainingConfig:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
         if self.mixed_precision not in (True, False, "auto"):
             raise ConfigError(f"--mixed_precision must be auto, true or false, got {self.mixed_precision!r}")
+        if self.eval_tasks:
+            from utils.evaluation.tasks import DOWNSTREAM, parse_tasks
+            parse_tasks(self.eval_tasks, "--eval_tasks", DOWNSTREAM)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         from models.gpt2 import PRESETS

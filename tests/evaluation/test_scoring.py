@@ -24,6 +24,7 @@ REQUESTS = [
     ("The answer is ", "yes"),
     ("He looked at the", " sky"),
     (LONG, " and then the story ended with a long sentence of its own."),
+    (LONG + " and", " end"),  # a full window and a one-token continuation, batched with longer ones
     ("Café au lait, s'il vous plaît —", " naïve façade"),
 ]
 

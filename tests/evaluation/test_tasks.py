@@ -7,7 +7,6 @@ import pytest
 
 from utils.errors import UserError
 from utils.evaluation.data import load_docs
-from utils.evaluation.run import parse_tasks
 from utils.evaluation.scoring import Score
 from utils.evaluation.tasks import (
     arc_easy,
@@ -17,6 +16,7 @@ from utils.evaluation.tasks import (
     lambada,
     lambada_metrics,
     multiple_choice_metrics,
+    parse_tasks,
     piqa,
     winogrande,
 )

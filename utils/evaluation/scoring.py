@@ -99,51 +99,45 @@ def _token_scores(model, h, targets, chunk=2048):
 
 def score_batch(model, groups, device):
     """Score one batch. `groups`: list of (context ids, [continuation ids, ...]). Returns a list of
-    lists of Score, one per continuation, in the same nesting."""
+    lists of Score, one per continuation, in the same nesting.
+
+    Always two passes of the blocks, even when every continuation is one token (LAMBADA often):
+    under FSDP each pass all-gathers the weights, and all ranks must make the same calls."""
     G = len(groups)
-    ctx_lens = [len(c) for c, _ in groups]
-    Lc = max(ctx_lens)
+    ctx_lens = torch.tensor([len(c) for c, _ in groups])
+    Lc = int(ctx_lens.max())
     # 1) contexts, right-padded (causal attention: padding never reaches a real position)
     idx = torch.zeros(G, Lc, dtype=torch.long)
     for g, (c, _) in enumerate(groups):
         idx[g, :len(c)] = torch.tensor(c)
-    idx = idx.to(device)
     cache = _PrefixCache()
-    h = _hidden(model, idx, torch.arange(Lc, device=device)[None].expand(G, Lc), cache)  # (G, Lc, C)
-    last = h[torch.arange(G, device=device), torch.tensor(ctx_lens, device=device) - 1]  # (G, C): predicts cont[0]
+    h = _hidden(model, idx.to(device), torch.arange(Lc, device=device)[None].expand(G, Lc), cache)  # (G, Lc, C)
+    last = h[torch.arange(G, device=device), ctx_lens.to(device) - 1]  # (G, C): predicts each cont[0]
 
     # 2) continuations: every row feeds its continuation minus the last token after its group's prefix
-    rows, conts = [], []
-    for g, (_, cs) in enumerate(groups):
-        for cont in cs:
-            rows.append(g)
-            conts.append(cont)
-    R, Tc = len(conts), max(len(c) for c in conts) - 1
-    first_lp, first_greedy = _token_scores(model, last[rows], torch.tensor([c[0] for c in conts], device=device))
-    lp_rest = greedy_rest = None
-    if Tc > 0:
-        inp = torch.zeros(R, Tc, dtype=torch.long)
-        tgt = torch.zeros(R, Tc, dtype=torch.long)
-        real = torch.zeros(R, Tc, dtype=torch.bool)
-        for r, c in enumerate(conts):
-            n = len(c) - 1
-            inp[r, :n] = torch.tensor(c[:-1])
-            tgt[r, :n] = torch.tensor(c[1:])
-            real[r, :n] = True
-        rows_t = torch.tensor(rows)
-        ctx_len_r = torch.tensor(ctx_lens)[rows_t]  # (R,)
-        pos = ctx_len_r[:, None] + torch.arange(Tc)[None]  # (R, Tc): continuation positions follow the context
-        key_prefix = torch.arange(Lc)[None, None, :] < ctx_len_r[:, None, None]  # (R, 1, Lc): the group's real context
-        causal = torch.ones(Tc, Tc, dtype=torch.bool).tril()
-        mask = torch.cat([key_prefix.expand(R, Tc, Lc), causal.expand(R, Tc, Tc)], dim=2)[:, None]  # (R, 1, Tc, Lc+Tc)
-        cont_cache = _PrefixCache(cache.recorded, rows_t.to(device), mask.to(device))
-        h = _hidden(model, inp.to(device), pos.to(device), cont_cache)  # (R, Tc, C)
-        real = real.to(device)
-        lp, gr = _token_scores(model, h[real], tgt.to(device)[real])
-        lp_rest = torch.zeros(R, Tc, device=device, dtype=lp.dtype).masked_scatter(real, lp).double().sum(1)
-        greedy_rest = torch.ones(R, Tc, device=device, dtype=torch.bool).masked_scatter(real, gr).all(1)
-    logliks = first_lp.double() + (lp_rest if lp_rest is not None else 0.0)
-    greedy = first_greedy & greedy_rest if greedy_rest is not None else first_greedy
+    rows = torch.tensor([g for g, (_, cs) in enumerate(groups) for _ in cs])  # (R,) group of each row
+    conts = [c for _, cs in groups for c in cs]
+    R, Tc = len(conts), max(1, max(len(c) for c in conts) - 1)
+    inp = torch.zeros(R, Tc, dtype=torch.long)
+    tgt = torch.zeros(R, Tc + 1, dtype=torch.long)  # column 0: the first token, predicted by the context's last
+    real = torch.zeros(R, Tc + 1, dtype=torch.bool)
+    for r, c in enumerate(conts):
+        inp[r, :len(c) - 1] = torch.tensor(c[:-1])
+        tgt[r, :len(c)] = torch.tensor(c)
+        real[r, :len(c)] = True
+    ctx_len_r = ctx_lens[rows]  # (R,)
+    # Continuation positions follow the context; padding positions are clamped into the table (unused).
+    pos = (ctx_len_r[:, None] + torch.arange(Tc)[None]).clamp(max=model.config.block_size - 1)  # (R, Tc)
+    key_prefix = torch.arange(Lc)[None, None, :] < ctx_len_r[:, None, None]  # (R, 1, Lc): the group's real context
+    causal = torch.ones(Tc, Tc, dtype=torch.bool).tril()
+    mask = torch.cat([key_prefix.expand(R, Tc, Lc), causal.expand(R, Tc, Tc)], dim=2)[:, None]  # (R, 1, Tc, Lc+Tc)
+    cont_cache = _PrefixCache(cache.recorded, rows.to(device), mask.to(device))
+    h_cont = _hidden(model, inp.to(device), pos.to(device), cont_cache)  # (R, Tc, C)
+    h_all = torch.cat([last[rows.to(device)][:, None], h_cont], dim=1)  # (R, Tc + 1, C): predicts tgt
+    real = real.to(device)
+    lp, gr = _token_scores(model, h_all[real], tgt.to(device)[real])
+    logliks = torch.zeros(R, Tc + 1, device=device, dtype=torch.float64).masked_scatter(real, lp.double()).sum(1)
+    greedy = torch.ones(R, Tc + 1, device=device, dtype=torch.bool).masked_scatter(real, gr).all(1)
     logliks, greedy = logliks.tolist(), greedy.tolist()
     out, r = [], 0
     for _, cs in groups:

@@ -65,7 +65,8 @@ def lambada(doc) -> Example:
 
 BUILDERS = {"hellaswag": hellaswag, "piqa": piqa, "winogrande": winogrande, "arc_easy": arc_easy, "lambada": lambada}
 MULTIPLE_CHOICE = ("hellaswag", "piqa", "winogrande", "arc_easy")
-TASKS = (*BUILDERS, "val_loss")
+DOWNSTREAM = tuple(BUILDERS)
+TASKS = (*DOWNSTREAM, "val_loss")
 
 
 def build_examples(task, docs, source="data"):
@@ -106,3 +107,24 @@ def _argmax(xs):
         if x > xs[best]:
             best = i
     return best
+
+
+def parse_tasks(text, flag="--tasks", allowed=TASKS):
+    """'hellaswag:500,piqa' -> [('hellaswag', 500), ('piqa', None)]: task names with an optional limit."""
+    specs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, limit = item.partition(":")
+        if name not in allowed:
+            raise UserError(f"{flag}: unknown task {name!r}; choose from {', '.join(allowed)}")
+        try:
+            n = int(limit) if limit else None
+        except ValueError:
+            raise UserError(f"{flag}: {item!r}: the limit after ':' must be a whole number") from None
+        if n is not None and n < 1:
+            raise UserError(f"{flag}: {item!r}: the limit must be >= 1")
+        specs.append((name, n))
+    if not specs:
+        raise UserError(f"{flag}: no task given; choose from {', '.join(allowed)}")
+    return specs

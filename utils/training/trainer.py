@@ -19,6 +19,7 @@ from tqdm import tqdm
 from models.loss import IGNORE_INDEX
 from utils.checkpoints.training import TrainingCheckpointer, gather_model_state_dict
 from utils.errors import UserError
+from utils.evaluation.run import evaluate_in_loop, load_eval_tasks
 from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
@@ -83,6 +84,7 @@ def _train(cfg, task, info, checkpointer, run_log):
     if cfg.max_seq_length > model.config.block_size:
         raise TrainingError(f"--max_seq_length={cfg.max_seq_length} exceeds the model's block_size {model.config.block_size}")
     train_loader = task.make_loader("train", info)
+    eval_sets = load_eval_tasks(cfg.eval_tasks)  # downstream tasks (eval_tasks), read now
     max_steps = task.total_steps(train_loader) if task.total_steps else cfg.max_train_iters
     if checkpointer.finished(max_steps):
         _print(info, f"{cfg.ckpt_dir} holds a finished run (step {checkpointer.resume_step} of {max_steps}; model in "
@@ -169,9 +171,12 @@ def _train(cfg, task, info, checkpointer, run_log):
                           f"{tokens_per_sec:,.0f} tok/s | MFU {record['mfu']:.1%}")
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == max_steps:
                 last_eval = evaluate(model, task, cfg, info)
+                downstream = evaluate_in_loop(model, eval_sets, cfg.micro_batch_size, info.device)
+                last_eval.update(downstream)  # eval/<task>_<metric> beside eval/loss
                 run_log.eval(step, last_eval)
                 if info.is_main:
-                    bar.write(f"step {step} | eval loss {last_eval['loss']:.4f} | perplexity {last_eval['perplexity']:.2f}")
+                    bar.write(f"step {step} | eval loss {last_eval['loss']:.4f} | "
+                              f"perplexity {last_eval['perplexity']:.2f}" + "".join(f" | {k} {v:.4f}" for k, v in downstream.items()))
             stopping = n_stop > 0
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == max_steps or stopping:
                 saved = checkpointer.save(step)
