@@ -11,7 +11,6 @@ are one group. Each batch runs two forwards: the groups' contexts once each (kee
 keys and values), then all their continuations, each attending to its group's cached prefix.
 A 4-choice HellaSwag question computes its context once instead of four times.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,10 @@ class Score:
 
 
 def encode_pair(tokenizer, context: str, continuation: str):
-    """lm-eval's HFLM._encode_pair for a causal model: (context ids, continuation ids)."""
+    """lm-eval's HFLM._encode_pair for a causal model: (context ids, continuation ids). An empty
+    context is <|endoftext|>, as lm-eval's loglikelihood() makes it."""
     if not context:
-        raise ValueError("a request needs a non-empty context")
+        return [tokenizer.eot_token], tokenizer.encode(continuation, allowed_special="all")
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -204,9 +204,3 @@ def score_requests(model, tokenizer, requests, batch_size=32, device="cpu", sync
             score_batch(model, [([tokenizer.eot_token], [[tokenizer.eot_token] * 2])], device)  # keeps FSDP in step
     model.train(was_training)
     return [group_scores[g][k] for g, k in where]
-
-
-def perplexity(logliks):
-    """lm-eval's perplexity aggregation: exp of minus the mean per-example log-likelihood."""
-    return math.exp(-sum(logliks) / len(logliks)) if logliks else float("nan")
-

@@ -5,6 +5,7 @@ the choices' lengths in characters (lm-eval's acc_norm divides each log-likeliho
 Sources of the templates: lm-eval's tasks/hellaswag (utils.py), piqa.yaml, winogrande
 (preprocess_winogrande.py), arc/arc_easy.yaml, lambada/lambada_openai.yaml.
 """
+import math
 import re
 from dataclasses import dataclass
 
@@ -94,7 +95,6 @@ def multiple_choice_metrics(task, examples, scores):
 
 def lambada_metrics(scores):
     """acc: the last word is the greedy continuation; perplexity: exp(-mean log-likelihood of it)."""
-    import math
     n = len(scores)
     lls = [s[0].loglik for s in scores]
     return {"acc": sum(s[0].is_greedy for s in scores) / n, "perplexity": math.exp(-sum(lls) / n), "n": n}
