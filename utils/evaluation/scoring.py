@@ -8,8 +8,9 @@ greedy decoding would have produced them (`is_greedy`, LAMBADA's accuracy).
 
 Speed: requests that share their context tokens (the choices of a HellaSwag, PIQA or ARC question)
 are one group. Each batch runs two forwards: the groups' contexts once each (keeping every layer's
-keys and values), then all their continuations, each attending to its group's cached prefix.
-A 4-choice HellaSwag question computes its context once instead of four times.
+keys and values), then each group's continuations packed into one row, attending to that cached
+prefix. A 4-choice HellaSwag question computes its context once instead of four times, and the
+vocabulary projection runs only where a continuation token is predicted.
 """
 from dataclasses import dataclass
 
@@ -55,13 +56,12 @@ class _PrefixCache:
     """Stands in for models.gpt2.KVCache inside Block.forward (`update(k, v)`, `attn_mask`).
 
     Prefix pass (`prefix=None`): records every layer's keys/values and attends causally.
-    Continuation pass: each row's keys/values are its group's prefix followed by its own.
+    Continuation pass: each row's keys/values are its group's context followed by its own.
     """
 
-    def __init__(self, prefix=None, rows=None, attn_mask=None):
+    def __init__(self, prefix=None, attn_mask=None):
         self.prefix = prefix        # list over layers of (k, v), each (G, nh, Lc, hs)
-        self.rows = rows            # (R,) group index of each continuation row
-        self.attn_mask = attn_mask  # (R, 1, Tc, Lc + Tc) bool, or None for plain causal
+        self.attn_mask = attn_mask  # (G, 1, P, Lc + P) bool, or None for plain causal
         self.recorded = []
         self.layer = 0
 
@@ -71,7 +71,7 @@ class _PrefixCache:
             return k, v
         pk, pv = self.prefix[self.layer]
         self.layer += 1
-        return torch.cat([pk[self.rows], k], dim=2), torch.cat([pv[self.rows], v], dim=2)  # (R, nh, Lc + Tc, hs)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (G, nh, Lc + P, hs)
 
 
 def _hidden(model, idx, pos, cache):
@@ -101,8 +101,11 @@ def score_batch(model, groups, device):
     """Score one batch. `groups`: list of (context ids, [continuation ids, ...]). Returns a list of
     lists of Score, one per continuation, in the same nesting.
 
-    Always two passes of the blocks, even when every continuation is one token (LAMBADA often):
-    under FSDP each pass all-gathers the weights, and all ranks must make the same calls."""
+    Pass 1 runs each group's context once and keeps its keys/values. Pass 2 runs, per group, all its
+    continuations packed into one row (each minus its last token), every one attending to the
+    group's context and causally to itself only: no continuation waits on another's padding.
+    Always both passes, even when every continuation is one token (LAMBADA often): under FSDP each
+    pass all-gathers the weights, and all ranks must make the same calls."""
     G = len(groups)
     ctx_lens = torch.tensor([len(c) for c, _ in groups])
     Lc = int(ctx_lens.max())
@@ -112,33 +115,46 @@ def score_batch(model, groups, device):
         idx[g, :len(c)] = torch.tensor(c)
     cache = _PrefixCache()
     h = _hidden(model, idx.to(device), torch.arange(Lc, device=device)[None].expand(G, Lc), cache)  # (G, Lc, C)
-    last = h[torch.arange(G, device=device), ctx_lens.to(device) - 1]  # (G, C): predicts each cont[0]
+    last = h[torch.arange(G, device=device), ctx_lens.to(device) - 1]  # (G, C): predicts every cont[0]
 
-    # 2) continuations: every row feeds its continuation minus the last token after its group's prefix
-    rows = torch.tensor([g for g, (_, cs) in enumerate(groups) for _ in cs])  # (R,) group of each row
-    conts = [c for _, cs in groups for c in cs]
-    R, Tc = len(conts), max(1, max(len(c) for c in conts) - 1)
-    inp = torch.zeros(R, Tc, dtype=torch.long)
-    tgt = torch.zeros(R, Tc + 1, dtype=torch.long)  # column 0: the first token, predicted by the context's last
-    real = torch.zeros(R, Tc + 1, dtype=torch.bool)
-    for r, c in enumerate(conts):
-        inp[r, :len(c) - 1] = torch.tensor(c[:-1])
-        tgt[r, :len(c)] = torch.tensor(c)
-        real[r, :len(c)] = True
-    ctx_len_r = ctx_lens[rows]  # (R,)
-    # Continuation positions follow the context; padding positions are clamped into the table (unused).
-    pos = (ctx_len_r[:, None] + torch.arange(Tc)[None]).clamp(max=model.config.block_size - 1)  # (R, Tc)
-    key_prefix = torch.arange(Lc)[None, None, :] < ctx_len_r[:, None, None]  # (R, 1, Lc): the group's real context
-    causal = torch.ones(Tc, Tc, dtype=torch.bool).tril()
-    mask = torch.cat([key_prefix.expand(R, Tc, Lc), causal.expand(R, Tc, Tc)], dim=2)[:, None]  # (R, 1, Tc, Lc+Tc)
-    cont_cache = _PrefixCache(cache.recorded, rows.to(device), mask.to(device))
-    h_cont = _hidden(model, inp.to(device), pos.to(device), cont_cache)  # (R, Tc, C)
-    h_all = torch.cat([last[rows.to(device)][:, None], h_cont], dim=1)  # (R, Tc + 1, C): predicts tgt
-    real = real.to(device)
-    lp, gr = _token_scores(model, h_all[real], tgt.to(device)[real])
-    logliks = torch.zeros(R, Tc + 1, device=device, dtype=torch.float64).masked_scatter(real, lp.double()).sum(1)
-    greedy = torch.ones(R, Tc + 1, device=device, dtype=torch.bool).masked_scatter(real, gr).all(1)
-    logliks, greedy = logliks.tolist(), greedy.tolist()
+    # 2) packed continuations. Per packed position: its token, the token it predicts, its request and
+    # its offset in that continuation (position = context length + offset).
+    P = max(1, max(sum(len(c) - 1 for c in cs) for _, cs in groups))
+    inp = torch.zeros(G, P, dtype=torch.long)
+    tgt = torch.zeros(G, P, dtype=torch.long)
+    req = torch.full((G, P), -1, dtype=torch.long)  # -1: padding
+    off = torch.zeros(G, P, dtype=torch.long)
+    first = []  # (group, first token) of every request, in order
+    r = 0
+    for g, (_, cs) in enumerate(groups):
+        p = 0
+        for c in cs:
+            n = len(c) - 1
+            inp[g, p:p + n] = torch.tensor(c[:-1])
+            tgt[g, p:p + n] = torch.tensor(c[1:])
+            req[g, p:p + n] = r
+            off[g, p:p + n] = torch.arange(n)
+            first.append((g, c[0]))
+            p += n
+            r += 1
+    R = r
+    pos = (ctx_lens[:, None] + off).clamp(max=model.config.block_size - 1)  # padding clamped into the table
+    prefix_keys = torch.arange(Lc)[None, None, :] < ctx_lens[:, None, None]  # (G, 1, Lc): the real context
+    same = (req[:, :, None] == req[:, None, :]) & (req[:, None, :] >= 0)  # (G, P, P): same continuation
+    causal = off[:, :, None] >= off[:, None, :]
+    mask = torch.cat([prefix_keys.expand(G, P, Lc), same & causal], dim=2)[:, None]  # (G, 1, P, Lc + P)
+    h = _hidden(model, inp.to(device), pos.to(device), _PrefixCache(cache.recorded, mask.to(device)))  # (G, P, C)
+
+    # 3) log-probabilities: each request's first token from its context's last position, the rest packed
+    real = req >= 0
+    g_first = torch.tensor([g for g, _ in first], device=device)
+    hs = torch.cat([last[g_first], h[real.to(device)]])  # (R + real positions, C)
+    targets = torch.cat([torch.tensor([t for _, t in first]), tgt[real]]).to(device)
+    owner = torch.cat([torch.arange(R), req[real]]).to(device)
+    lp, gr = _token_scores(model, hs, targets)
+    logliks = torch.zeros(R, dtype=torch.float64, device=device).index_add_(0, owner, lp.double())
+    misses = torch.zeros(R, dtype=torch.long, device=device).index_add_(0, owner, (~gr).long())
+    logliks, greedy = logliks.tolist(), (misses == 0).tolist()
     out, r = [], 0
     for _, cs in groups:
         out.append([Score(logliks[r + i], greedy[r + i], len(c)) for i, c in enumerate(cs)])
@@ -149,7 +165,7 @@ def score_batch(model, groups, device):
 def make_batches(groups, batch_size):
     """Order groups longest first (less padding) and cut them into batches of at most `batch_size`
     continuations (a group larger than that is a batch by itself). Returns lists of group indices."""
-    order = sorted(range(len(groups)), key=lambda i: -(len(groups[i][0]) + max(len(c) for c in groups[i][1])))
+    order = sorted(range(len(groups)), key=lambda i: -(len(groups[i][0]) + sum(len(c) - 1 for c in groups[i][1])))
     batches, cur, n = [], [], 0
     for i in order:
         k = len(groups[i][1])
