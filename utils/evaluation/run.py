@@ -142,7 +142,7 @@ def val_loss(model, val_data, limit=None, batch_size=32, device="cpu"):
     for b in range(0, len(mine), batch_size):
         w = torch.from_numpy(np.stack([tokens[i * T: i * T + T + 1].astype(np.int64) for i in mine[b:b + batch_size]]))
         x, y = w[:, :-1].to(device), w[:, 1:].to(device)
-        _, loss = model(x, targets=y, reduction="sum")
+        _, loss = model(x, targets=y, reduction="sum", return_logits=False)  # chunked: never (B, T, vocab) logits
         loss_sum += float(loss.double())
         n_tok += y.numel()
         byte_sum += float(n_bytes[w[:, 1:]].sum())
@@ -156,7 +156,7 @@ def val_loss(model, val_data, limit=None, batch_size=32, device="cpu"):
 
 
 def default_limit_note(task, limit):
-    """'10042 examples' or '500 of 10042 examples' for the log line."""
+    """'10042' or '500 of 10042' (examples) for the log line."""
     total = SIZES.get(task)
     return f"{limit} of {total}" if limit and total and limit < total else f"{total}"
 
