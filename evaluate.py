@@ -61,6 +61,8 @@ def parse_args(argv=None):
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UsageError(f"--output {args.output}: its directory does not exist")
     specs = [(t, n if n is not None else args.limit) for t, n in parse_tasks(args.tasks)]
     if any(t == "val_loss" for t, _ in specs) and not args.val_data:
         raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "
@@ -97,15 +99,13 @@ def table(results):
 def main(argv=None):
     args, specs = parse_args(argv)
     with distributed_run(args.device, PROG) as info:
-        if args.output and info.is_main and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise UsageError(f"--output {args.output}: its directory does not exist")
         t0 = time.perf_counter()
         model = load(args, info.device)
 
         def report(task, metrics):
             if info.is_main:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens"))
-                log(f"{task}: {shown} ({metrics['n']} examples)")
+                log(f"{task}: {shown} ({metrics['n']} {'windows' if task == 'val_loss' else 'examples'})")
 
         if info.is_main:
             log(f"scoring {', '.join(f'{t} ({default_limit_note(t, n)})' for t, n in specs)} on {info.world_size} "

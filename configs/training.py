@@ -93,8 +93,12 @@ class TrainingConfig:
         if self.mixed_precision not in (True, False, "auto"):
             raise ConfigError(f"--mixed_precision must be auto, true or false, got {self.mixed_precision!r}")
         if self.eval_tasks:
+            from utils.errors import UserError
             from utils.evaluation.tasks import DOWNSTREAM, parse_tasks
-            parse_tasks(self.eval_tasks, "--eval_tasks", DOWNSTREAM)
+            try:
+                parse_tasks(self.eval_tasks, "--eval_tasks", DOWNSTREAM)
+            except UserError as e:
+                raise ConfigError(str(e)) from None
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         from models.gpt2 import PRESETS

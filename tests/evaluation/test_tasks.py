@@ -84,3 +84,11 @@ def test_parse_tasks():
     for bad, msg in (("hellaswag:x", "whole number"), ("mmlu", "unknown task"), ("", "no task"), ("piqa:0", ">= 1")):
         with pytest.raises(UserError, match=msg):
             parse_tasks(bad)
+
+
+def test_training_config_checks_eval_tasks_up_front():
+    from configs.parser import ConfigError
+    from configs.pretrain import PretrainConfig
+    PretrainConfig(eval_tasks="hellaswag:500,piqa").validate()
+    with pytest.raises(ConfigError, match="unknown task 'val_loss'"):  # the trainer has its own val loss
+        PretrainConfig(eval_tasks="val_loss").validate()

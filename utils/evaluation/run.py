@@ -156,9 +156,11 @@ def val_loss(model, val_data, limit=None, batch_size=32, device="cpu"):
 
 
 def default_limit_note(task, limit):
-    """'10042' or '500 of 10042' (examples) for the log line."""
-    total = SIZES.get(task)
-    return f"{limit} of {total}" if limit and total and limit < total else f"{total}"
+    """'10042' or '500 of 10042' (examples) for the log line; val_loss counts windows."""
+    if task == "val_loss":
+        return f"{limit} windows" if limit else "all windows"
+    total = SIZES[task]
+    return f"{limit} of {total}" if limit and limit < total else f"{total}"
 
 
 def load_eval_tasks(eval_tasks: str):
