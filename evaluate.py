@@ -25,7 +25,7 @@ from utils.cli import UsageError, log, parser
 from utils.errors import USER_ERRORS, user_message
 from utils.evaluation.run import default_limit_note, evaluate_tasks
 from utils.evaluation.tasks import parse_tasks
-from utils.files import atomic_file
+from utils.files import atomic_file, check_output_file
 from utils.training.distributed import distributed_run
 
 PROG = "evaluate.py"
@@ -61,8 +61,12 @@ def parse_args(argv=None):
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"--output {args.output}: its directory does not exist")
+    if args.output:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise UsageError(f"--output {args.output}: its directory does not exist")
+        # an earlier result of this script (a JSON object with "results") may be replaced, nothing else
+        check_output_file(args.output, "results", inputs=(args.checkpoint, args.lora, args.hf_dir, args.data_dir,
+                                                          args.val_data))
     specs = [(t, n if n is not None else args.limit) for t, n in parse_tasks(args.tasks)]
     if any(t == "val_loss" for t, _ in specs) and not args.val_data:
         raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "

@@ -81,3 +81,17 @@ def test_val_loss_and_bits_per_byte_by_hand(tmp_path, write_pretrain_data):
     assert r["n"] == n and r["tokens"] == n_tok
     assert r["loss"] == pytest.approx(nll / n_tok, rel=1e-5)
     assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode("utf-8")), rel=1e-5)
+
+
+def test_output_rules(base, tmp_path):
+    """--output replaces its own earlier result, nothing else, and never a file inside the checkpoint."""
+    from utils.errors import UserError
+    other = tmp_path / "other.json"
+    other.write_text('{"x": 1}')
+    args = ["--checkpoint", str(base / "base"), "--tasks", "lambada:1", "--output"]
+    with pytest.raises(UserError, match="not written by this script"):
+        evaluate.main([*args, str(other)])
+    with pytest.raises(UserError, match="inside the input"):
+        evaluate.main([*args, str(base / "base" / "e.json")])
+    run(tmp_path, "again", "--checkpoint", base / "base")
+    assert run(tmp_path, "again", "--checkpoint", base / "base")["lambada"]["n"] == 4  # its own result: replaced
