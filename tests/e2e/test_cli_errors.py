@@ -22,6 +22,7 @@ CASES = {
     "convert_lora_checkpoint.py": ["--base", MISSING, "--lora", MISSING, "--output", "{tmp}/out"],
     "generate_pretrained.py": ["--checkpoint", MISSING, "--prompt", "Hello"],
     "generate_finetuned.py": ["--checkpoint", MISSING, "--question", "Hello?"],
+    "evaluate.py": ["--checkpoint", MISSING, "--tasks", "hellaswag", "--limit", "2"],
 }
 
 
