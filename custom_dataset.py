@@ -44,6 +44,18 @@ CHOICE_CHUNK = 4096
 _CHOICE_STREAM, _WINDOW_STREAM, _EXAMPLE_STREAM = 1, 2, 3
 
 
+class EmptySplitError(DatasetError):
+    """A split with nothing to read (an empty val.jsonl, a val.bin shorter than one sequence)."""
+
+
+def check_pretrain_dir(data_dir, split="train"):
+    """Raise (saying what data_dir holds instead) unless it holds a built pretraining split; returns its path."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretraining data {path} not found: {not_built_hint(data_dir, 'pretrain')}")
+    return path
+
+
 def _check_layout(micro_batch_size, grad_accum_steps, rank, world_size, seed):
     for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("grad_accum_steps", grad_accum_steps, 1),
                              ("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0)):
@@ -104,16 +116,14 @@ class PretrainLoader(_GlobalOrder):
         self.windows = [(len(a) - 1) // self.block_size if len(a) else 0 for a in self._data]
         for d, a, w in zip(self.data_dirs, self._data, self.windows):
             if w < 1:
-                raise DatasetError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
+                raise EmptySplitError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
                                  f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or more data"
                                  + (" (or a larger --val_fraction)" if split == "val" else ""))
         self.source_counts = [0] * len(self._data)  # samples drawn from each source before `position`
         self._perms, self._choice_cache, self._step = {}, {}, None
 
     def _open(self, data_dir):
-        path = os.path.join(data_dir, f"{self.split}.bin")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretraining data {path} not found: {not_built_hint(data_dir, 'pretrain')}")
+        path = check_pretrain_dir(data_dir, self.split)
         meta_path = os.path.join(data_dir, "meta.json")
         if os.path.isfile(meta_path):
             with open(meta_path, encoding="utf-8") as f:
@@ -123,6 +133,10 @@ class PretrainLoader(_GlobalOrder):
         if os.path.getsize(path) == 0:
             return np.zeros(0, dtype=np.uint16)
         return np.memmap(path, dtype=np.uint16, mode="r")
+
+    def __len__(self):
+        """Windows in one pass over this split (summed over sources)."""
+        return self.windows_per_epoch
 
     @property
     def windows_per_epoch(self) -> int:
@@ -316,7 +330,7 @@ class FinetuneLoader(_GlobalOrder):
         self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
         self._prompts, self._completions = load_examples(path)
         if not self._prompts:
-            raise DatasetError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
+            raise EmptySplitError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
                              f"(for val.jsonl: a --val_fraction above 0)")
         if max_seq_length is not None:
             check_lengths(path, self._prompts, self._completions, max_seq_length, log=rank == 0)

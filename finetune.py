@@ -5,15 +5,24 @@
 """
 from configs.finetune import FinetuneConfig
 from configs.parser import load_config
-from utils.training.finetuning import finetune_loader, finetune_steps, load_pretrained, save_full_model
+from utils.checkpoints.model import load_config as load_checkpoint_config
+from utils.training.finetuning import (
+    check_finetune_data,
+    finetune_loader,
+    finetune_steps,
+    load_pretrained,
+    save_full_model,
+)
 from utils.training.trainer import TrainTask, train
 
 
 def main(argv=None):
     cfg = load_config(FinetuneConfig, argv, prog="finetune.py", description=__doc__)
-    task = TrainTask("finetune", build_model=lambda: load_pretrained(cfg),
+    task = TrainTask("finetune", model_config=lambda: load_checkpoint_config(cfg.pretrained_ckpt),
+                     build_model=lambda: load_pretrained(cfg),
                      make_loader=lambda split, info: finetune_loader(cfg, split, info),
-                     save_final=save_full_model, total_steps=lambda loader: finetune_steps(cfg, loader))
+                     save_final=save_full_model, check_data=lambda: check_finetune_data(cfg),
+                     total_steps=lambda loader: finetune_steps(cfg, loader), padded=True)
     return train(cfg, task, prog="finetune.py")
 
 

@@ -11,7 +11,8 @@ from configs.finetune_lora import FinetuneLoRAConfig
 from configs.parser import load_config
 from models.lora import apply_lora, mark_only_lora_trainable
 from utils.checkpoints.adapter import save_adapter
-from utils.training.finetuning import finetune_loader, finetune_steps, load_pretrained
+from utils.checkpoints.model import load_config as load_checkpoint_config
+from utils.training.finetuning import check_finetune_data, finetune_loader, finetune_steps, load_pretrained
 from utils.training.trainer import TrainTask, train
 
 
@@ -29,8 +30,10 @@ def main(argv=None):
                      targets=cfg.lora_targets, train_bias=cfg.train_bias, base_config=model.config,
                      base_checkpoint=cfg.pretrained_ckpt)
 
-    task = TrainTask("finetune_lora", build_model, lambda split, info: finetune_loader(cfg, split, info), save_final,
-                     total_steps=lambda loader: finetune_steps(cfg, loader), ignore_frozen_params=True,
+    task = TrainTask("finetune_lora", model_config=lambda: load_checkpoint_config(cfg.pretrained_ckpt),
+                     build_model=build_model, make_loader=lambda split, info: finetune_loader(cfg, split, info),
+                     save_final=save_final, check_data=lambda: check_finetune_data(cfg),
+                     total_steps=lambda loader: finetune_steps(cfg, loader), padded=True, ignore_frozen_params=True,
                      # Compared on resume: another r, alpha, targets or base would not continue this adapter.
                      extra_state={"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
                                            "train_bias": cfg.train_bias},

@@ -5,7 +5,7 @@
 """
 from configs.parser import load_config
 from configs.pretrain import PretrainConfig
-from custom_dataset import PretrainLoader
+from custom_dataset import PretrainLoader, check_pretrain_dir
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
 from utils.checkpoints.model import save_model
 from utils.training.trainer import TrainTask, train
@@ -14,10 +14,13 @@ from utils.training.trainer import TrainTask, train
 def main(argv=None):
     cfg = load_config(PretrainConfig, argv, prog="pretrain.py", description=__doc__)
 
-    def build_model():
-        config = GPT2Config.from_preset(cfg.model_type, embed_dropout=cfg.embed_dropout, attn_dropout=cfg.attn_dropout,
-                                        resid_dropout=cfg.resid_dropout, pad_vocab_multiple=cfg.pad_vocab_multiple)
-        return GPT2LMHeadModel(config)
+    def model_config():
+        return GPT2Config.from_preset(cfg.model_type, embed_dropout=cfg.embed_dropout, attn_dropout=cfg.attn_dropout,
+                                      resid_dropout=cfg.resid_dropout, pad_vocab_multiple=cfg.pad_vocab_multiple)
+
+    def check_data():
+        for data_dir, _ in cfg.sources():
+            check_pretrain_dir(data_dir)
 
     def make_loader(split, info):
         return PretrainLoader(cfg.sources(), split, cfg.max_seq_length, cfg.micro_batch_size,
@@ -27,7 +30,9 @@ def main(argv=None):
     def save_final(state_dict, model, directory):
         save_model(model, directory, state_dict=state_dict)
 
-    return train(cfg, TrainTask("pretrain", build_model, make_loader, save_final), prog="pretrain.py")
+    task = TrainTask("pretrain", model_config=model_config, build_model=lambda: GPT2LMHeadModel(model_config()),
+                     make_loader=make_loader, save_final=save_final, check_data=check_data)
+    return train(cfg, task, prog="pretrain.py")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ each rank at world size 1 and 2 (torchrun, gloo on CPU / nccl on GPU), for the 1
     python bench/fsdp_memory.py --model_type gpt2-medium --world_sizes 1 2 4
 
 Counts the local shards (DTensor.to_local()) after one real training step (forward, backward,
-AdamW step), with the same FSDP wrapping and optimizer as the training loop (utils/).
+AdamW step), with the same FSDP wrapping and optimizer as the training loop (utils/). The step
+accumulates 2 micro-batches, as training with gradient_accum_steps > 1 does; gradient bytes are
+taken between them, where they peak: with the loop's default (reduce-scatter every micro-step)
+each rank holds its shard; with --defer_grad_sync (reduce-scatter on the last micro-step only)
+every rank holds full unsharded fp32 gradients.
 """
 import argparse
 import json
@@ -31,8 +35,8 @@ def worker(args):
 
     from models.gpt2 import GPT2Config, GPT2LMHeadModel
     from utils.training.distributed import cleanup_distributed, init_distributed
-    from utils.training.parallelize import parallelize
-    from utils.training.trainer import build_optimizer
+    from utils.training.optim import build_optimizer
+    from utils.training.parallelize import gradient_bytes, parallelize
 
     info = init_distributed("auto")
     torch.manual_seed(0)
@@ -41,9 +45,12 @@ def worker(args):
     cfg = SimpleNamespace(weight_decay=0.1, max_lr=1e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
     optimizer = build_optimizer(model, cfg, info.device)
     x = torch.randint(0, 50257, (1, args.seq_len), device=info.device)
-    _, loss = model(x, targets=x, reduction="sum", return_logits=False)
-    loss.backward()
-    grads = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    grads = None
+    for i in range(2):  # one step of 2 accumulated micro-batches
+        model.set_requires_gradient_sync(i == 1 or not args.defer_grad_sync)
+        _, loss = model(x, targets=x, reduction="sum", return_logits=False)
+        loss.backward()
+        grads = grads if grads is not None else gradient_bytes(model)  # between the micro-batches
     optimizer.step()
     row = {
         "params": sum(local_bytes(p) for p in model.parameters()),
@@ -64,6 +71,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--mixed_precision", action="store_true",
                    help="bf16 compute (memory of the fp32 masters is the same)")
+    p.add_argument("--defer_grad_sync", action="store_true", help="reduce-scatter on the last micro-batch only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -73,6 +81,7 @@ def main():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
                "--worker", "--model_type", args.model_type, "--seq_len", str(args.seq_len)]
         cmd += ["--mixed_precision"] if args.mixed_precision else []
+        cmd += ["--defer_grad_sync"] if args.defer_grad_sync else []
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = next((out_line for out_line in out.stdout.splitlines() if out_line.startswith("RESULT ")), None)
         if line is None:
@@ -80,7 +89,9 @@ def main():
         results[n] = json.loads(line[len("RESULT "):])["ranks"]
     base = results[args.world_sizes[0]][0]
     mib = 2 ** 20
-    print(f"FSDP2 per-rank memory, {args.model_type} (MiB; ratio = largest rank / world size {args.world_sizes[0]})")
+    sync = "on the last micro-batch only (--defer_grad_sync)" if args.defer_grad_sync else "every micro-batch"
+    print(f"FSDP2 per-rank memory, {args.model_type}, 2 accumulated micro-batches, reduce-scatter {sync} "
+          f"(MiB; gradients between the micro-batches; ratio = largest rank / world size {args.world_sizes[0]})")
     print("| world size | parameters | gradients | optimizer state | params + optimizer | ratio |")
     print("|---|---|---|---|---|---|")
     for n, ranks in results.items():

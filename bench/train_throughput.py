@@ -47,6 +47,18 @@ CONFIGS = {
 }
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s, matched in order against
+# torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part).
+DATASHEET_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]
+
+
+def datasheet_bf16(device):
+    """(GPU name, datasheet dense bf16 FLOP/s or None) of a CUDA device."""
+    name = torch.cuda.get_device_name(device)
+    return name, next((flops for key, flops in DATASHEET_BF16 if key in name), None)
+
+
 def cpu_model_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -263,6 +275,16 @@ def main():
               + ", ".join(f"{x / 1e9:.0f}" for x in peaks[dt]) + " GFLOP/s; MFU uses the best")
     print("MFU = median tokens/s of the quiet rounds × model FLOPs per token ÷ best measured matmul peak "
           "of the same dtype.")
+
+    if device.type == "cuda" and "bf16" in dtypes:
+        name, sheet = datasheet_bf16(device)
+        if sheet is None:
+            print(f"no datasheet bf16 peak known for {name}: add it to DATASHEET_BF16")
+        else:
+            rates = {n: tokens / statistics.median(times[("bf16", n)][r] for r in quiet)
+                     for dt, n, _ in variants if dt == "bf16"}
+            print(f"MFU against the datasheet bf16 peak of the {name} ({sheet / 1e12:.0f} TFLOP/s dense): "
+                  + ", ".join(f"{n} {100 * mfu(rate, flops_tok, sheet):.1f} %" for n, rate in rates.items()))
 
     if args.profile:
         for dt in dtypes:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 class TrainingConfig:
     # --- model ---
     model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
-    max_seq_length: int = 1024           # tokens per training sequence; at most the model's block_size
+    max_seq_length: int = 0              # tokens per training sequence, at most the model's block_size; 0 = as many as
+                                         # the model allows (fine-tuning: and the data was built for)
     embed_dropout: float = 0.0           # dropout on token + position embeddings
     attn_dropout: float = 0.0            # dropout on attention probabilities
     resid_dropout: float = 0.0           # dropout on the residual branches (attention and MLP outputs)
@@ -41,7 +42,8 @@ class TrainingConfig:
 
     # --- evaluation and logging ---
     eval_interval: int = 500             # evaluate every N steps (and at the end); 0 = only at the end
-    eval_iters: int = 50                 # validation micro-batches per rank per evaluation
+    eval_iters: int = 50                 # validation micro-batches per evaluation, shared by the ranks: the same
+                                         # eval_iters x micro_batch_size sequences (at most the split) at any world size
     eval_tasks: str = ""                 # also score these at each evaluation, e.g. "hellaswag:500,piqa:200"
                                          # (task:N = its first N examples; tasks as in evaluate.py, val_loss aside)
     log_interval: int = 10               # one log line every N steps
@@ -60,6 +62,8 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     compile_model: bool = False          # torch.compile each transformer block
     cpu_offload: bool = False            # FSDP2 parameter/gradient offload to CPU (CUDA only)
+    defer_grad_sync: bool = False        # reduce-scatter gradients on the last micro-step only: less communication, but
+                                         # every rank holds full unsharded fp32 gradients while accumulating
     cpu_threads: int = 0                 # CPU runs: threads per process; 0 = the process's share of the cores
 
     seed: int = 1337
@@ -76,11 +80,12 @@ class TrainingConfig:
 
     def validate(self):
         from configs.parser import ConfigError
-        positive = ["max_seq_length", "micro_batch_size", "gradient_accum_steps", "eval_iters", "log_interval", "keep_last_ckpts"]
+        positive = ["micro_batch_size", "gradient_accum_steps", "eval_iters", "log_interval", "keep_last_ckpts"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_iters", "eval_interval", "ckpt_interval", "warmup_steps", "max_decay_steps", "weight_decay", "grad_clip"):
+        for name in ("max_seq_length", "max_train_iters", "eval_interval", "ckpt_interval", "warmup_steps",
+                     "max_decay_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):

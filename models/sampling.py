@@ -17,9 +17,12 @@ def apply_repetition_penalty(logits, seq, valid, penalty):
     """CTRL's penalty on tokens already in the sequence: positive logits divided, negative multiplied."""
     if penalty == 1.0:
         return logits
-    ids = seq if valid is None else torch.where(valid, seq, seq.new_full((), -1))
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    seen.scatter_(1, ids.clamp(min=0), ids >= 0)  # padding (-1) scatters a False, marking nothing
+    V = logits.size(-1)
+    # Padding goes to an extra column V that is dropped: every write is then a True, so repeated
+    # indices cannot race (a padding False written over a real token's True, CUDA's scatter order).
+    ids = seq if valid is None else torch.where(valid, seq, V)
+    seen = torch.zeros(logits.size(0), V + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter_(1, ids, True)[:, :V]
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
-from models.sampling import apply_repetition_penalty, filter_logits
+from models.sampling import apply_repetition_penalty, filter_logits, sample_next_token
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,30 @@ def test_repetition_penalty_pushes_seen_tokens_down():
 def test_bad_sampling_args(model, kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 1, **kwargs)
+
+
+def test_repetition_penalty_padding_never_unmarks_a_real_token():
+    # Row 0 holds token 0 followed by padding: padding must not undo the mark on token 0
+    # (it used to scatter a False into column 0 after the True, which CUDA may order either way).
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]] * 2)
+    seq = torch.tensor([[0, 3], [2, 0]])
+    valid = torch.tensor([[True, False], [True, True]])
+    out = apply_repetition_penalty(logits, seq, valid, 2.0)
+    assert out.tolist() == [[1.0, 1.0, -1.0, 0.5], [1.0, 1.0, -2.0, 0.5]]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_the_tempered_softmax(temperature):
+    """Frequencies of 40,000 draws match softmax(logits / T) computed by hand (within 4 sigma)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.expand(n, 4).clone(), torch.zeros(n, 1, dtype=torch.long), None, temperature,
+                              None, None, 1.0, generator=gen)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    e = torch.exp(logits.double() / temperature)
+    expected = e / e.sum()
+    tol = 4 * torch.sqrt(expected * (1 - expected) / n)
+    assert torch.all((freq - expected).abs() <= tol), (freq, expected)
+    # The two temperatures are far apart: the first token's share is 0.865 at T=0.5 and 0.455 at T=2.
+    assert abs(expected[0].item() - (0.8650 if temperature == 0.5 else 0.4551)) < 1e-3

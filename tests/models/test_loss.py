@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
 from models.loss import linear_cross_entropy
@@ -100,3 +101,28 @@ def test_model_return_logits_false_same_loss_and_grads(pad):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-4)
     for name, g in grads[0][1].items():  # fp32 rounding only (sums in another order)
         assert (grads[1][1][name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_loss_under_no_grad_computes_no_gradient():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 16, requires_grad=True), torch.randn(96, 16, requires_grad=True)
+    t = torch.randint(0, 96, (64,))
+    with _Ops() as with_grad:
+        loss = linear_cross_entropy(x, w, t, reduction="sum")
+    with torch.no_grad(), _Ops() as no_grad:
+        loss_ng = linear_cross_entropy(x, w, t, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(x @ w.T, t, reduction="sum")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and loss_ng.item() == pytest.approx(ref.item(), rel=1e-5)
+    grad_ops = [n for n in with_grad.names if "scatter_add" in n]
+    assert grad_ops, "the gradient is computed in forward when it is needed"
+    assert not [n for n in no_grad.names if "scatter_add" in n]  # (softmax - one_hot) never formed under no_grad

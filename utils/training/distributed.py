@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import USER_ERRORS, user_message
+from utils.errors import USER_ERRORS, UserError, user_message
 from utils.hardware import configure_cpu_threads, resolve_device
 
 
@@ -81,10 +81,18 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30, cpu_thre
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    copies = launched_copies()
+    if not under_torchrun and copies > 1:
+        raise UserError(f"{copies} copies of this script were launched (srun/mpirun) without torchrun: each would "
+                        "train alone and write the same --ckpt_dir; start one torchrun per node instead "
+                        "(e.g. srun --ntasks-per-node=1 torchrun --nnodes $SLURM_NNODES ...)")
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        # nccl for the device tensors; gloo beside it for CPU ones: the loop's small counters (no device
+        # sync) and the CPU-offloaded gradients that clipping reduces.
+        dev, backend = torch.device("cuda", local_rank), "cuda:nccl,cpu:gloo"
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (--mixed_precision=false) on TF32 tensor cores
     else:
         backend = "gloo"
         if cpu_threads > 0:
@@ -144,11 +152,27 @@ def distributed_run(device: str = "auto", prog="miniGPT", cpu_threads: int = 0):
         cleanup_distributed()
         sys.exit(code)
     cleanup_distributed()
+    if info.world_size > 1:
+        # A torchrun worker is done once its process group is gone. Leaving through the interpreter's
+        # teardown instead intermittently aborts rank 1 ("terminate called without an active exception",
+        # exit -6) while C++ threads of the collectives are destroyed: seen about once in 10 two-rank runs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def launched_copies() -> int:
+    """How many copies of this script srun or mpirun started in this job step (1 when none did)."""
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            return int(value)
+    return 1
 
 
 def all_reduce_sum(values, info: DistInfo):
-    """Sum a list of Python numbers over all ranks (float64 on the collective device)."""
-    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    """Sum a list of Python numbers over all ranks, as float64 on the CPU (gloo): no device sync."""
+    t = torch.tensor(values, dtype=torch.float64)
     if info.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()

@@ -1,10 +1,12 @@
 """What finetune.py and finetune_lora.py share: the starting model, the data, the step count."""
+import json
 import os
 
 from custom_dataset import FinetuneLoader
 from models.gpt2 import GPT2Config
 from utils.checkpoints.model import load_config as load_checkpoint_config
 from utils.checkpoints.model import load_model, save_model
+from utils.data.kinds import not_built_hint
 
 
 def load_pretrained(cfg):
@@ -22,6 +24,18 @@ def finetune_loader(cfg, split, info):
                           cfg.gradient_accum_steps if split == "train" else 1, rank=info.rank,
                           world_size=info.world_size, seed=cfg.seed, max_seq_length=cfg.max_seq_length,
                           shuffle=split == "train")
+
+
+def check_finetune_data(cfg):
+    """--data_dir must hold a built fine-tuning dataset; returns the max_seq_len it was built for (or None)."""
+    train = os.path.join(cfg.data_dir, "train.jsonl")
+    if not os.path.isfile(train):
+        raise FileNotFoundError(f"fine-tuning data {train} not found: {not_built_hint(cfg.data_dir, 'finetune')}")
+    meta = os.path.join(cfg.data_dir, "meta.json")
+    if not os.path.isfile(meta):
+        return None
+    with open(meta, encoding="utf-8") as f:
+        return json.load(f).get("max_seq_len")
 
 
 def finetune_steps(cfg, loader):

@@ -5,9 +5,11 @@ import torch
 
 
 def lr_at(step: int, init_lr: float, max_lr: float, min_lr: float, warmup_steps: int, max_decay_steps: int) -> float:
-    """Linear warmup from init_lr to max_lr over warmup_steps, then cosine to min_lr at max_decay_steps."""
+    """LR of the optimizer step that follows `step` completed ones: linear warmup from init_lr that reaches
+    max_lr on step `warmup_steps` (so even the first step learns: its LR is above init_lr), then cosine to
+    min_lr at max_decay_steps."""
     if step < warmup_steps:
-        return init_lr + (max_lr - init_lr) * step / warmup_steps
+        return init_lr + (max_lr - init_lr) * (step + 1) / warmup_steps
     if step >= max_decay_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_decay_steps - warmup_steps)

@@ -4,7 +4,7 @@ activation checkpointing -> torch.compile -> FSDP2 sharding, each per transforme
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 def apply_activation_checkpointing(model):
@@ -15,10 +15,14 @@ def apply_activation_checkpointing(model):
         blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-def apply_compile(model):
-    """torch.compile each block in place (same parameter names; one graph reused by all blocks)."""
+def apply_compile(model, dynamic=False):
+    """torch.compile each block in place (same parameter names; one graph reused by all blocks).
+
+    dynamic=True for batches padded to their longest row (fine-tuning): one graph with a symbolic length,
+    instead of a recompile for every new length and, after 8 of them, a silent fall back to eager.
+    """
     for block in model.transformer.h:
-        block.compile(dynamic=False)
+        block.compile(dynamic=dynamic)
 
 
 def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = False):
@@ -27,7 +31,8 @@ def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = F
     mixed_precision: bf16 parameters for compute, fp32 gradient reduction, fp32 master weights.
     """
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload and info.device.type == "cuda" else OffloadPolicy()
     blocks = model.transformer.h
     for i, block in enumerate(blocks):
@@ -37,9 +42,28 @@ def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = F
     return model
 
 
-def parallelize(model, info, mixed_precision=False, activation_checkpointing=False, compile_model=False, cpu_offload=False):
+def parallelize(model, info, mixed_precision=False, activation_checkpointing=False, compile_model=False,
+                cpu_offload=False, dynamic_shapes=False):
+    """Apply all of it to a model still on the CPU: fully_shard moves each unit to the device as it shards
+    it (and with cpu_offload keeps only the shards, on the CPU), so the whole model never sits on one GPU."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_model:
-        apply_compile(model)
+        apply_compile(model, dynamic=dynamic_shapes)
     return apply_fsdp(model, info, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
+
+
+def gradient_bytes(model) -> int:
+    """Bytes of gradient this rank holds now: its shards' .grad, plus the unsharded gradients FSDP2 keeps
+    while micro-steps accumulate without reduce-scatter (read from FSDP2's internal FSDPParam fields)."""
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    total = sum(local(p.grad) for p in model.parameters() if p.grad is not None)
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        for fsdp_param in group.fsdp_params if group else ():
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            for grad in (fsdp_param.unsharded_accumulated_grad, unsharded.grad if unsharded is not None else None):
+                total += local(grad) if grad is not None else 0
+    return total
