@@ -13,7 +13,8 @@ def main(argv=None):
     add_output_flags(p)
     p.add_argument("--max_seq_len", type=int, default=1024,
                    help="most tokens of prompt + completion (the model's block_size; default: 1024)")
-    p.add_argument("--val_fraction", type=fraction, default=0.05, help="fraction of examples for val.jsonl (default: 0.05)")
+    p.add_argument("--val_fraction", type=fraction, default=0.05,
+                   help="fraction of examples for val.jsonl (default: 0.05)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default: 1337)")
     args = p.parse_args(argv)
 

@@ -11,11 +11,14 @@ PROG = "build_pretrain_datasets.py"
 
 def main(argv=None):
     p = parser(PROG, __doc__)
-    p.add_argument("--input", required=True, metavar="DIR", help="directory of cleaned *.jsonl shards (prepare_data_pretrain.py output)")
+    p.add_argument("--input", required=True, metavar="DIR",
+                   help="directory of cleaned *.jsonl shards (prepare_data_pretrain.py output)")
     add_output_flags(p)
-    p.add_argument("--val_fraction", type=fraction, default=0.0005, help="fraction of documents for val.bin (default: 0.0005)")
+    p.add_argument("--val_fraction", type=fraction, default=0.0005,
+                   help="fraction of documents for val.bin (default: 0.0005)")
     p.add_argument("--num_workers", type=non_negative_int, default=available_cpus(),
-                   help="tokenizer processes (default: all CPUs; 0 or 1: this process); output is the same for any value")
+                   help="tokenizer processes (default: all CPUs; 0 or 1: this process); "
+                        "output is the same for any value")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default: 1337)")
     p.add_argument("--text_field", default="text", help="JSON field holding the text (default: text)")
     args = p.parse_args(argv)
@@ -30,7 +33,8 @@ def main(argv=None):
     log(f"{PROG}: train.bin {s['train']['tokens']:,} tokens / {s['train']['documents']:,} documents, "
         f"val.bin {s['val']['tokens']:,} tokens / {s['val']['documents']:,} documents "
         f"({meta['bad_lines']:,} bad lines skipped)")
-    log(f"{PROG}: wrote {human_bytes(2 * total)} to {args.output} in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} tokens/s)")
+    log(f"{PROG}: wrote {human_bytes(2 * total)} to {args.output} in {seconds:.1f} s "
+        f"({total / max(seconds, 1e-9):,.0f} tokens/s)")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ class PretrainLoader(_GlobalOrder):
             rows.append(self._data[s][w * T: w * T + T + 1])
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
         if self._advance():
-            self.source_counts = [c + int(n) for c, n in zip(self.source_counts, np.bincount(src, minlength=len(self._data)))]
+            counts = np.bincount(src, minlength=len(self._data))
+            self.source_counts = [c + int(n) for c, n in zip(self.source_counts, counts)]
             self._step = None
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
@@ -212,7 +213,8 @@ class PretrainLoader(_GlobalOrder):
                 raise DatasetError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
                                  f"resume with the same data, seed and block_size")
         if len(d["source_counts"]) != len(self._data):
-            raise DatasetError(f"data loader state has {len(d['source_counts'])} sources, this loader has {len(self._data)}")
+            raise DatasetError(f"data loader state has {len(d['source_counts'])} sources, "
+                               f"this loader has {len(self._data)}")
         self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))
         self.source_counts = [int(c) for c in d["source_counts"]]
         self._step = None

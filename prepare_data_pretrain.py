@@ -11,13 +11,15 @@ PROG = "prepare_data_pretrain.py"
 def main(argv=None):
     p = parser(PROG, __doc__)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files or directories (searched recursively) of .txt, .json, .jsonl, wikiextractor wiki_NN; .gz/.bz2 too")
+                   help="files or directories (searched recursively) of .txt, .json, .jsonl, "
+                        "wikiextractor wiki_NN; .gz/.bz2 too")
     add_output_flags(p)
     p.add_argument("--num_workers", type=non_negative_int, default=available_cpus(),
                    help="parallel processes, one input file each (default: all CPUs; 0 or 1: this process)")
     p.add_argument("--split_paragraphs", action="store_true",
                    help=".txt files: every block between blank lines is a document (default: a file is a document)")
-    p.add_argument("--min_chars", type=non_negative_int, default=0, help="drop documents shorter than this after cleaning")
+    p.add_argument("--min_chars", type=non_negative_int, default=0,
+                   help="drop documents shorter than this after cleaning")
     p.add_argument("--text_field", default="text", help="JSON field holding the document text (default: text)")
     p.add_argument("--shard_mb", type=float, default=256.0, help="size of each output shard in MB (default: 256)")
     args = p.parse_args(argv)

@@ -7,7 +7,7 @@ from configs.training import TrainingConfig
 @dataclass
 class FinetuneConfig(TrainingConfig):
     model_type: str = ""                 # empty = the checkpoint's; a preset name makes a mismatch an error
-    pretrained_ckpt: str = "checkpoints/pretrain/final"  # model checkpoint dir (ours, or convert_hf_checkpoint.py output)
+    pretrained_ckpt: str = "checkpoints/pretrain/final"  # model checkpoint dir (ours, or convert_hf_checkpoint.py's)
     data_dir: str = "data/finetune_built"  # build_finetune_datasets.py output: train.jsonl, val.jsonl
     num_epochs: int = 2                  # passes over the training set
     max_train_iters: int = 0             # 0 = num_epochs worth of steps; otherwise a cap

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 @dataclass
 class TrainingConfig:
     # --- model ---
-    model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
+    model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium, -large, -xl, gpt2-mini, gpt2-tiny
     max_seq_length: int = 0              # tokens per training sequence, at most the model's block_size; 0 = as many as
                                          # the model allows (fine-tuning: and the data was built for)
     embed_dropout: float = 0.0           # dropout on token + position embeddings
@@ -74,8 +74,9 @@ class TrainingConfig:
         if self.global_batch_size:
             per_step = self.micro_batch_size * world_size
             if self.global_batch_size % per_step:
-                raise ConfigError(f"--global_batch_size={self.global_batch_size} is not divisible by micro_batch_size x "
-                                  f"world size = {self.micro_batch_size} x {world_size}; choose sizes that divide")
+                raise ConfigError(f"--global_batch_size={self.global_batch_size} is not divisible by "
+                                  f"micro_batch_size x world size = {self.micro_batch_size} x {world_size}; "
+                                  "choose sizes that divide")
             self.gradient_accum_steps = self.global_batch_size // per_step
 
     def validate(self):
@@ -92,7 +93,8 @@ class TrainingConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not (0 <= self.min_lr <= self.max_lr and 0 <= self.init_lr <= self.max_lr):
-            raise ConfigError(f"need 0 <= init_lr, min_lr <= max_lr; got init_lr={self.init_lr} max_lr={self.max_lr} min_lr={self.min_lr}")
+            raise ConfigError(f"need 0 <= init_lr, min_lr <= max_lr; got init_lr={self.init_lr} "
+                              f"max_lr={self.max_lr} min_lr={self.min_lr}")
         if self.global_batch_size < 0:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
         if self.mixed_precision not in (True, False, "auto"):

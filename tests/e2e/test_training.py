@@ -117,7 +117,8 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(tmp, baseline, run_scri
     shutil.copytree(tmp / "stopped", tmp / "stopped_1rank")
     run_script("pretrain.py", *pretrain_args(tmp, "stopped", resume="auto"), nproc=2)
     # One thread, like each of the 2 ranks: CPU matmuls round differently with another thread count.
-    run_script("pretrain.py", *pretrain_args(tmp, "stopped_1rank", resume="auto", gradient_accum_steps=2, cpu_threads=1))
+    run_script("pretrain.py",
+               *pretrain_args(tmp, "stopped_1rank", resume="auto", gradient_accum_steps=2, cpu_threads=1))
     for run in ("stopped", "stopped_1rank"):
         got = losses(tmp / run)
         assert sorted(got) == list(range(1, 9))
