@@ -10,7 +10,7 @@ from dataclasses import dataclass
 @dataclass
 class TrainingConfig:
     # --- model ---
-    model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium, -large, -xl, gpt2-mini, gpt2-tiny
+    model_type: str = "gpt2"             # preset in models/gpt2.py: gpt2, gpt2-medium/-large/-xl, gpt2-mini, gpt2-tiny
     max_seq_length: int = 0              # tokens per training sequence, at most the model's block_size; 0 = as many as
                                          # the model allows (fine-tuning: and the data was built for)
     embed_dropout: float = 0.0           # dropout on token + position embeddings
