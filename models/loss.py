@@ -104,5 +104,10 @@ def linear_cross_entropy(x, weight, targets, vocab_size=None, reduction="mean", 
         chunk_rows = 1024 if x.device.type == "cuda" else 32
     # Under no_grad (evaluation) ctx.needs_input_grad still says True for parameters: ask autograd itself.
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), vocab_size,
-                                     reduction == "mean", chunk_rows, _compute_dtype(x), need_grad)
+    dtype = _compute_dtype(x)
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.all()):
+        # Fine-tuning: prompt and padding rows (most of a padded batch) need no logits at all.
+        x, targets = x[keep], targets[keep]  # (n, C), (n,)
+    return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, reduction == "mean", chunk_rows, dtype, need_grad)

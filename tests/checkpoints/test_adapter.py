@@ -142,3 +142,43 @@ def test_peft_export_matches(tmp_path, targets, train_bias):
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert (peft_model(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+
+
+def test_train_embeddings_trains_saves_and_merges_the_tied_embeddings(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.training.trainer import build_optimizer
+    model = mark_only_lora_trainable(lora_model(("q", "v")).train(), train_embeddings=True)
+    base = GPT2LMHeadModel(model.config)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    save_model(base, tmp_path / "base")
+    wte_before = model.transformer.wte.weight.detach().clone()
+    cfg = SimpleNamespace(weight_decay=0.0, max_lr=1e-2, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    idx = torch.randint(0, 50257, (2, 16))
+    for _ in range(2):
+        model(idx, targets=idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(model.transformer.wte.weight, wte_before)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied: the LM head trained with it
+    assert not model.transformer.wpe.weight.requires_grad and not model.transformer.h[0].mlp.c_fc.weight.requires_grad
+
+    sd = adapter_state_dict(model, train_embeddings=True)
+    assert "transformer.wte.weight" in sd and "lm_head.weight" not in sd
+    save_adapter(tmp_path / "adapter", sd, r=4, alpha=24.0, dropout=0.0, targets=("q", "v"), train_bias=False,
+                 base_config=model.config, base_checkpoint=tmp_path / "base", train_embeddings=True)
+    model.eval()
+    attached, config = attach_adapter(load_model(tmp_path / "base"), tmp_path / "adapter", tmp_path / "base")
+    assert config["train_embeddings"] and attached.transformer.wte.weight.requires_grad
+    merged, _ = merge_adapter(tmp_path / "base", tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(attached.eval()(idx)[0], model(idx)[0])
+        assert (merged.eval()(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5
+    with pytest.raises(CheckpointError, match="merge it instead"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
+    # An adapter config that says the embeddings were trained but lacks them is refused.
+    save_adapter(tmp_path / "broken", adapter_state_dict(model), r=4, alpha=24.0, dropout=0.0, targets=("q", "v"),
+                 train_bias=False, base_config=model.config, base_checkpoint=tmp_path / "base", train_embeddings=True)
+    with pytest.raises(CheckpointError, match="missing"):
+        attach_adapter(load_model(tmp_path / "base"), tmp_path / "broken")

@@ -32,6 +32,23 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, repo):
     w = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(pretrained.state_dict()[w], merged.state_dict()[w])
     assert "transformers pipeline: 'Hello, how are you?' -> " in first.stdout
+    # The answers stage asks questions from the fine-tuning data and unseen ones, and scores them.
+    # (At tiny size the model answers nothing right; the laptop size reaches >= 0.8, see README.)
+    summary = json.loads((out / "summary.json").read_text())
+    answers = summary["answers"]
+    assert answers["trained_n"] >= 10 and answers["unseen_n"] >= 1
+    assert 0 <= answers["trained_exact_match"] <= 1 and 0 <= answers["unseen_exact_match"] <= 1
+    assert first.stdout.count("[trained] Q: ") == answers["trained_n"]
+    assert first.stdout.count("[unseen] Q: ") == answers["unseen_n"]
+    assert first.stdout.count("expected: ") == answers["trained_n"] + answers["unseen_n"]
+    assert f"exact match: {round(answers['trained_exact_match'] * answers['trained_n'])}/{answers['trained_n']}" \
+        in first.stdout
+    stages = summary["stages"]
+    assert list(stages) == ["corpora", "prepare_pretrain", "build_pretrain", "pretrain", "sample_pretrained",
+                            "prepare_finetune", "build_finetune", "finetune_lora", "merge", "answers", "hf_export"]
+    assert all(st["seconds"] >= 0 for st in stages.values())
+    assert stages["pretrain"]["val_loss"] > 0 and stages["finetune_lora"]["eval_loss"] > 0
+    assert adapter["train_embeddings"] is True
     assert (out / "hf_export" / "config.json").exists() and (out / "hf_export" / "merges.txt").exists()
     losses = [json.loads(l)["loss"] for l in (out / "runs/pretrain/metrics.jsonl").read_text().splitlines()
               if '"loss"' in l]
@@ -43,3 +60,4 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, repo):
     assert again.stdout.count("(skipped:") == 9
     assert "pretrain.py --model_type" not in again.stdout and "finetune_lora.py --pretrained" not in again.stdout
     assert "transformers pipeline: " in again.stdout
+    assert json.loads((out / "summary.json").read_text())["answers"] == answers  # greedy: the same answers

@@ -1,8 +1,8 @@
 """LoRA adapter checkpoints: `adapter.safetensors` + `adapter_config.json`.
 
 The config stores everything needed to rebuild and merge the adapter without guessing: r, alpha,
-dropout, targets, whether biases were trained, the base model's config, and a fingerprint (sha256)
-of the base checkpoint's weights, so a merge onto another base is refused.
+dropout, targets, whether biases (or the token embeddings) were trained, the base model's config,
+and a fingerprint (sha256) of the base checkpoint's weights, so a merge onto another base is refused.
 """
 import hashlib
 import json
@@ -11,7 +11,7 @@ import os
 from safetensors.torch import save_file
 
 from models.gpt2 import GPT2Config
-from models.lora import apply_lora, lora_modules, mark_only_lora_trainable
+from models.lora import EMBEDDING_KEY, apply_lora, lora_modules, mark_only_lora_trainable
 from utils.checkpoints.model import (
     WEIGHTS_NAME,
     CheckpointError,
@@ -37,10 +37,10 @@ def fingerprint(model_dir) -> str:
 
 
 def save_adapter(directory, adapter_sd, *, r, alpha, dropout, targets, train_bias, base_config: GPT2Config,
-                 base_checkpoint=None, overwrite=True):
+                 base_checkpoint=None, overwrite=True, train_embeddings=False):
     config = {
         "format": FORMAT, "r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets),
-        "train_bias": train_bias, "base_config": dict(base_config.__dict__),
+        "train_bias": train_bias, "train_embeddings": bool(train_embeddings), "base_config": dict(base_config.__dict__),
         "base_checkpoint": os.path.abspath(base_checkpoint) if base_checkpoint else None,
         "base_fingerprint": fingerprint(base_checkpoint) if base_checkpoint else None,
     }
@@ -82,13 +82,16 @@ def attach_adapter(model, adapter_dir, base_dir=None, check_fingerprint=True):
         check_base(config, base_dir, model.config, check_fingerprint)
     apply_lora(model, config["r"], config["alpha"], config["dropout"], config["targets"])
     sd = read_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    train_embeddings = config.get("train_embeddings", False)  # absent in adapters written before it existed
     expected = {k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k}
+    if train_embeddings:
+        expected.add(EMBEDDING_KEY)
     missing = sorted(expected - set(sd))
     unexpected = sorted(k for k in set(sd) - expected if not k.endswith(".bias"))
     if missing or unexpected:
         raise CheckpointError(f"{adapter_dir}: adapter weights do not fit its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
     model.load_state_dict(sd, strict=False)
-    mark_only_lora_trainable(model, config["train_bias"])
+    mark_only_lora_trainable(model, config["train_bias"], train_embeddings)
     assert lora_modules(model)
     return model, config
 
@@ -117,6 +120,11 @@ def export_peft(adapter_dir, output_dir, overwrite=False):
 
     from models.lora import SLICE_NAMES, TARGETS
     config = load_adapter_config(adapter_dir)
+    if config.get("train_embeddings"):
+        # PEFT's modules_to_save would copy wte and leave GPT-2's tied lm_head on the old one.
+        raise CheckpointError(f"{adapter_dir} trained the token embeddings (tied to the LM head), which a PEFT "
+                              "adapter cannot carry for GPT-2; merge it instead (--base BASE_DIR without --to_peft) "
+                              "and export the merged model with convert_hf_checkpoint.py --to_hf")
     sd = read_safetensors(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     r, alpha, C = config["r"], config["alpha"], config["base_config"]["n_embd"]
     slices = [t for t in config["targets"] if t in SLICE_NAMES]
