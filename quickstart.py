@@ -120,13 +120,14 @@ def last_eval_loss(log_dir):
     return evals[-1]["eval_loss"]
 
 
-def evaluate_pretrained_hook(checkpoint, log_dir):
-    """The pretrained model's validation figures for summary.json.
-
-    Hook for evaluate.py: this reads the last in-loop evaluation of pretrain.py (mean loss over
-    its eval batches); evaluate.py's val loss and bits per byte take its place once it exists.
-    """
-    return {"val_loss": round(last_eval_loss(log_dir), 4), "source": "pretrain.py in-loop evaluation"}
+def evaluate_pretrained(checkpoint, built, out_json, device):
+    """The pretrained model's val loss and bits per byte from evaluate.py (the first 256 windows of val.bin)."""
+    if not os.path.exists(out_json):
+        run("evaluate.py", "--checkpoint", checkpoint, "--tasks", "val_loss", "--val_data", built, "--limit", "256",
+            "--device", device, "--output", out_json)
+    r = read_json(out_json)["results"]["val_loss"]
+    print(f"evaluate.py: val loss {r['loss']:.4f}, {r['bits_per_byte']:.3f} bits per byte ({r['n']} windows)")
+    return {"val_loss": round(r["loss"], 4), "bits_per_byte": round(r["bits_per_byte"], 4), "source": "evaluate.py"}
 
 
 def single_turn_questions(path):
@@ -251,7 +252,7 @@ def main(argv=None):
             f"--ckpt_interval={s['eval_interval']}", "--log_interval=25", f"--ckpt_dir={pre_ckpt}",
             f"--log_dir={pre_logs}", f"--device={device}", "--resume=auto", nproc=nproc)
     print(training_figures(pre_logs))
-    st.note(**evaluate_pretrained_hook(f"{pre_ckpt}/final", pre_logs))
+    st.note(**evaluate_pretrained(f"{pre_ckpt}/final", built, f"{out}/pretrain_eval.json", device))
 
     st.begin(5, "sample_pretrained", "generate_pretrained.py: a sample from the pretrained model")
     run("generate_pretrained.py", "--checkpoint", f"{pre_ckpt}/final", "--prompt", "ROMEO:",
