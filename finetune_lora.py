@@ -1,7 +1,8 @@
 """LoRA fine-tuning: the base model frozen (and sharded by FSDP2 under torchrun), only the
 low-rank factors trained, saved as an adapter (adapter.safetensors + adapter_config.json).
 
-    torchrun --standalone --nproc_per_node 2 finetune_lora.py --pretrained_ckpt=checkpoints/gpt2 --data_dir=data/sft_built
+    torchrun --standalone --nproc_per_node 2 finetune_lora.py --pretrained_ckpt=checkpoints/gpt2 \
+        --data_dir=data/sft_built
     python finetune_lora.py --help     # every field of configs/finetune_lora.py
 Merge into a plain model with convert_lora_checkpoint.py.
 """

@@ -201,8 +201,10 @@ def write_summary(path, summary):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="quickstart.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "quickstart"), help="where everything is written (default: quickstart/)")
+    p = argparse.ArgumentParser(prog="quickstart.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, "quickstart"),
+                   help="where everything is written (default: quickstart/)")
     p.add_argument("--size", choices=sorted(SIZES), default="laptop", help="laptop (default) or tiny (test size)")
     p.add_argument("--nproc", type=int, default=0, help="processes per training run (default: the GPUs, else 2)")
     args = p.parse_args(argv)
@@ -299,7 +301,8 @@ def main(argv=None):
     st.begin(9, "merge", "convert_lora_checkpoint.py: merge the adapter into the model")
     merged = f"{out}/checkpoints/merged"
     if not st.done(merged, "the merged model"):
-        run("convert_lora_checkpoint.py", "--base", f"{pre_ckpt}/final", "--lora", f"{lora_ckpt}/final", "--output", merged)
+        run("convert_lora_checkpoint.py", "--base", f"{pre_ckpt}/final", "--lora", f"{lora_ckpt}/final",
+            "--output", merged)
 
     st.begin(10, "answers", "the fine-tuned model answers questions from its fine-tuning data and unseen ones")
     answers = answers_demo(merged, ft_built, s["n_trained"], s["n_unseen"], s["new_tokens"])

@@ -48,8 +48,10 @@ class LoRALinear(nn.Linear):
         # slice name -> index of the output slice; "w" adapts the whole output
         self.slices = {SLICE_NAMES[i]: i for i in sorted(slices)} if slices is not None else {"w": 0}
         dev = base.weight.device
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=dev)) for n in self.slices})
-        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(self.slice_size, r, device=dev)) for n in self.slices})
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=dev))
+                                        for n in self.slices})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(self.slice_size, r, device=dev))
+                                        for n in self.slices})
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
@@ -78,7 +80,8 @@ class LoRALinear(nn.Linear):
         return delta
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, slices={list(self.slices)}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"slices={list(self.slices)}")
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets=("q", "v")):
@@ -145,7 +148,8 @@ def adapter_state_dict(model, train_bias: bool = False, train_embeddings: bool =
 def lora_param_count(config, r: int, targets) -> int:
     """Closed form: per block, r * (fan_in + fan_out) for each adapted slice or layer."""
     C = config.n_embd
-    per_target = {"q": 2 * C, "k": 2 * C, "v": 2 * C, "attn.c_proj": 2 * C, "mlp.c_fc": C + 4 * C, "mlp.c_proj": 4 * C + C}
+    per_target = {"q": 2 * C, "k": 2 * C, "v": 2 * C, "attn.c_proj": 2 * C,
+                  "mlp.c_fc": C + 4 * C, "mlp.c_proj": 4 * C + C}
     return config.n_layer * r * sum(per_target[t] for t in check_targets(targets))
 
 

@@ -50,8 +50,8 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, repo):
     assert stages["pretrain"]["val_loss"] > 0 and stages["finetune_lora"]["eval_loss"] > 0
     assert adapter["train_embeddings"] is True
     assert (out / "hf_export" / "config.json").exists() and (out / "hf_export" / "merges.txt").exists()
-    losses = [json.loads(l)["loss"] for l in (out / "runs/pretrain/metrics.jsonl").read_text().splitlines()
-              if '"loss"' in l]
+    losses = [json.loads(line)["loss"] for line in (out / "runs/pretrain/metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
     assert losses[-1] < losses[0] - 1.0
 
     # Re-running skips every finished stage (no training again) and still ends with the answers.
