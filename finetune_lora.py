@@ -1,4 +1,4 @@
-"""LoRA fine-tuning: the base model frozen (and sharded by FSDP2 under torchrun), only the
+r"""LoRA fine-tuning: the base model frozen (and sharded by FSDP2 under torchrun), only the
 low-rank factors trained, saved as an adapter (adapter.safetensors + adapter_config.json).
 
     torchrun --standalone --nproc_per_node 2 finetune_lora.py --pretrained_ckpt=checkpoints/gpt2 \
