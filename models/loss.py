@@ -106,8 +106,10 @@ def linear_cross_entropy(x, weight, targets, vocab_size=None, reduction="mean", 
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(x)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.all()):
-        # Fine-tuning: prompt and padding rows (most of a padded batch) need no logits at all.
-        x, targets = x[keep], targets[keep]  # (n, C), (n,)
+    if x.device.type == "cpu":
+        # Fine-tuning: prompt and padding rows (most of a padded batch) need no logits at all. Not on CUDA,
+        # where selecting rows by a mask waits for the GPU (a host sync per call); the chunks mask them instead.
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.all()):
+            x, targets = x[keep], targets[keep]  # (n, C), (n,)
     return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, reduction == "mean", chunk_rows, dtype, need_grad)
