@@ -26,9 +26,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # learns their answers by heart in a couple of minutes on a CPU, which the answers stage then checks.
 CHAT_FILES = ["botprofile", "greetings", "conversations", "humor", "food"]
 SIZES = {
-    "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=240, warmup=24, lr=3e-3, eval_interval=80,
+    "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=200, warmup=20, lr=3e-3, eval_interval=100,
                    plays=None, bible=True, prepare_flags=[], ft_files=CHAT_FILES, ft_seq=128, ft_micro=16,
-                   ft_epochs=60, ft_lr=6e-3, new_tokens=40, n_trained=12, n_unseen=4),
+                   ft_epochs=50, ft_lr=6e-3, new_tokens=40, n_trained=12, n_unseen=4),
     "tiny": dict(model="gpt2-tiny", seq=64, micro=4, steps=12, warmup=2, lr=3e-3, eval_interval=6,
                  plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_files=CHAT_FILES, ft_seq=128,
                  ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6, n_trained=10, n_unseen=2),

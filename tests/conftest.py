@@ -116,3 +116,16 @@ def write_pretrain_data():
 @pytest.fixture(scope="session")
 def write_finetune_data():
     return _write_finetune_data
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """snapshot(root) -> {relative path: bytes} of every file under root: what "left intact" is checked against."""
+    def snapshot(root):
+        out = {}
+        for d, _, names in os.walk(root):
+            for n in names:
+                with open(os.path.join(d, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+        return out
+    return snapshot

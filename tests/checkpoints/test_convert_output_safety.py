@@ -1,6 +1,5 @@
 """Issue 16: the conversion scripts never write over their own input, and --overwrite replaces only a
 directory of the kind they write."""
-import os
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from utils.checkpoints.model import save_model
 from utils.cli import run
 
 
-def snapshot(root):
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return out
-
-
 def refused(module, prog, capsys, *argv):
     """The one-line error (exit code 2) of `prog argv`."""
     capsys.readouterr()  # what came before (transformers' progress bars)
@@ -34,7 +24,7 @@ def refused(module, prog, capsys, *argv):
     return err.strip()
 
 
-def test_convert_hf_never_writes_over_its_input(tmp_path, capsys):
+def test_convert_hf_never_writes_over_its_input(tmp_path, capsys, snapshot):
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32)) \
         .save_pretrained(tmp_path / "hf")
@@ -64,7 +54,7 @@ def test_convert_hf_never_writes_over_its_input(tmp_path, capsys):
     assert snapshot(ours) == kept and snapshot(tmp_path / "other") == {"notes.txt": b"mine"}
 
 
-def test_convert_lora_never_writes_over_its_input(tmp_path, capsys):
+def test_convert_lora_never_writes_over_its_input(tmp_path, capsys, snapshot):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny", pad_vocab_multiple=64))
     save_model(model, tmp_path / "base")

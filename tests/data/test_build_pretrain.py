@@ -1,7 +1,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 import build_pretrain_datasets

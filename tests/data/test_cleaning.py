@@ -1,5 +1,4 @@
 
-import pytest
 
 from utils.data.cleaning import clean_field, clean_text
 

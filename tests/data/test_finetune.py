@@ -5,7 +5,6 @@ import pytest
 
 import build_finetune_datasets
 import prepare_data_finetune
-from utils.cli import run
 from utils.prompt_template import format_completion, format_prompt
 from utils.tokenizer import get_tokenizer
 

@@ -12,16 +12,6 @@ import prepare_data_pretrain
 from utils.files import OutputExistsError, check_output_file, replace_dir
 
 
-def snapshot(root):
-    """{relative path: bytes} of every file under root: what "left intact" is checked against."""
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return out
-
-
 @pytest.fixture
 def raw(tmp_path, write):
     """The issue's raw directory: 17 .txt files, a .json array and one .jsonl."""
@@ -43,7 +33,7 @@ def raw_qa(tmp_path, write):
 
 
 @pytest.mark.parametrize("case", ["same", "symlink", "inside", "holds"])
-def test_an_output_overlapping_the_input_is_refused_and_the_input_survives(raw, tmp_path, fails, case):
+def test_an_output_overlapping_the_input_is_refused_and_the_input_survives(raw, tmp_path, fails, case, snapshot):
     before = snapshot(tmp_path)
     os.symlink(raw, tmp_path / "link")
     out, why = {"same": (raw, "is the input"), "symlink": (tmp_path / "link", "is the input"),
@@ -54,8 +44,7 @@ def test_an_output_overlapping_the_input_is_refused_and_the_input_survives(raw, 
     assert snapshot(tmp_path) == before  # before the fix "same" left only report.json and a shard
 
 
-def test_every_data_script_refuses_its_input_as_output(raw, raw_qa, tmp_path, fails, prepare_pretrain_cli,
-                                                      prepare_finetune_cli):
+def test_every_data_script_refuses_its_input_as_output(raw, raw_qa, tmp_path, fails, prepare_pretrain_cli, prepare_finetune_cli, snapshot):
     prepare_pretrain_cli([raw], tmp_path / "cleaned")
     prepare_finetune_cli([raw_qa], tmp_path / "prepared_qa")
     before = snapshot(tmp_path)
@@ -68,7 +57,7 @@ def test_every_data_script_refuses_its_input_as_output(raw, raw_qa, tmp_path, fa
     assert snapshot(tmp_path) == before
 
 
-def test_overwrite_replaces_only_this_scripts_own_output(raw, tmp_path, write, fails, prepare_pretrain_cli):
+def test_overwrite_replaces_only_this_scripts_own_output(raw, tmp_path, write, fails, prepare_pretrain_cli, snapshot):
     other = tmp_path / "other"
     write(other / "notes.txt", "mine")
     for flags in ([], ["--overwrite"]):

@@ -18,7 +18,6 @@ from utils.data import prepare_pretrain as data_prepare_pretrain
 from utils.data.readers import BadLine, _iter_json_array, discover_files
 
 
-
 @pytest.fixture
 def corpus(tmp_path, write):
     raw = tmp_path / "raw"

@@ -14,9 +14,9 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from utils.data.readers import BadLine, BadLines, DataError, discover_files, output_writer, write_json
 from utils.data.kinds import check_build_input, mark
 from utils.data.parallel_map import ordered_map
+from utils.data.readers import BadLine, BadLines, DataError, discover_files, output_writer, write_json
 from utils.tokenizer import get_tokenizer
 
 CHUNK_BYTES = 4 << 20

@@ -16,10 +16,21 @@ import os
 from tqdm import tqdm
 
 from utils.data.build_pretrain import val_mask
-from utils.data.readers import BadLine, BadLines, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, read_lines, write_json
-from utils.data.kinds import check_build_input, mark
-from utils.prompt_template import format_completion, format_prompt
 from utils.data.cleaning import clean_field
+from utils.data.kinds import check_build_input, mark
+from utils.data.readers import (
+    BadLine,
+    BadLines,
+    DataError,
+    discover_files,
+    iter_file,
+    jsonl_line,
+    output_writer,
+    probe,
+    read_lines,
+    write_json,
+)
+from utils.prompt_template import format_completion, format_prompt
 from utils.tokenizer import get_tokenizer
 
 INPUT_KINDS = {"json", "jsonl", "yaml"}

@@ -16,10 +16,19 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
-from utils.data.readers import BadLine, DataError, discover_files, iter_file, jsonl_line, output_writer, probe, write_json
+from utils.data.cleaning import clean_text
 from utils.data.kinds import mark
 from utils.data.parallel_map import ordered_map
-from utils.data.cleaning import clean_text
+from utils.data.readers import (
+    BadLine,
+    DataError,
+    discover_files,
+    iter_file,
+    jsonl_line,
+    output_writer,
+    probe,
+    write_json,
+)
 
 INPUT_KINDS = {"txt", "json", "jsonl", "wiki"}
 MAX_BAD_LINES_LISTED = 1000

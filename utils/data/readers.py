@@ -20,8 +20,8 @@ import os
 import re
 from typing import NamedTuple
 
-from utils.files import atomic_dir, check_output
 from utils.errors import UserError
+from utils.files import atomic_dir, check_output
 
 
 class DataError(UserError):
