@@ -109,7 +109,8 @@ def make_val_loader(task, info):
 
 
 def train(cfg, task: TrainTask, prog=None):
-    """Run the task under torchrun (or as one process). Returns a summary dict on every rank.
+    """Run the task under torchrun (or as one process). Returns a summary dict in a single process; a
+    torchrun worker exits once its process group is torn down (see distributed_run).
 
     Errors the user can fix end the process with a one-line message (exit code 2).
     """
