@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gpt2 import PRESETS, GPT2Config, GPT2LMHeadModel  # noqa: E402
 from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
 from utils.generation.loading import decode_layout  # noqa: E402
+from utils.tokenizer import EOT_TOKEN  # noqa: E402
 
 
 def build(preset, seed=0):
@@ -62,7 +63,7 @@ def main():
     idx = torch.randint(0, 50257, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     n = args.new_tokens
     # min_new_tokens: never stop early at eos; pad_token_id set only to silence the "no pad token" notice.
-    hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=50256)
+    hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=EOT_TOKEN)
     runs = {
         "transformers generate": lambda: hf.generate(idx, **hf_kwargs),
         "ours": lambda: ours.generate(idx, n, temperature=0),

@@ -37,6 +37,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.gpt2 import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from models.loss import IGNORE_INDEX  # noqa: E402
 from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours  # noqa: E402
 from utils.hardware import measure_matmul_flops, tune_cpu_allocator  # noqa: E402
 from utils.training.metrics import mfu, model_flops_per_token  # noqa: E402
@@ -102,7 +103,7 @@ def sync(device):
 
 
 def make_step(model, opt, is_hf, x, y, amp, device):
-    n_targets = (y != -100).sum()
+    n_targets = (y != IGNORE_INDEX).sum()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -125,7 +126,7 @@ def timed(fn, steps, device):
 
 def check_same_loss(hf, ours, x, y, device):
     """Same weights, same batch: the two losses agree (before any optimizer step)."""
-    n = (y != -100).sum()
+    n = (y != IGNORE_INDEX).sum()
     out = {}
     for amp in (False, True):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -8,6 +8,7 @@ import torch
 
 from models.gpt2 import GPT2Config
 from utils.errors import UserError
+from utils.tokenizer import EOT_TOKEN
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # HF buffers that older checkpoints carry; they are constants, not weights.
@@ -52,7 +53,7 @@ def config_to_hf(config: GPT2Config) -> dict:
         n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
         activation_function="gelu_new", resid_pdrop=config.resid_dropout, embd_pdrop=config.embed_dropout,
         attn_pdrop=config.attn_dropout, layer_norm_epsilon=config.layer_norm_epsilon, initializer_range=0.02,
-        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
         architectures=["GPT2LMHeadModel"],
     )
 
