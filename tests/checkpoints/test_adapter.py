@@ -98,13 +98,15 @@ def test_adapter_round_trip_and_merge_cli(tmp_path):
     with torch.no_grad():
         assert torch.equal(attached.eval()(idx)[0], model(idx)[0])
     out = subprocess.run([sys.executable, "convert_lora_checkpoint.py", "--base", str(tmp_path / "base"), "--lora",
-                          str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")], capture_output=True, text=True)
+                          str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     merged = load_model(tmp_path / "merged").eval()
     with torch.no_grad():
         assert (merged(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5
     again = subprocess.run([sys.executable, "convert_lora_checkpoint.py", "--base", str(tmp_path / "base"), "--lora",
-                            str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")], capture_output=True, text=True)
+                            str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")],
+                           capture_output=True, text=True)
     assert again.returncode != 0 and "already exists; pass --overwrite" in again.stderr
 
 

@@ -90,7 +90,8 @@ def test_export_tokenizer_and_pipeline_offline(converted):
     _, export_dir = converted
     tok = transformers.AutoTokenizer.from_pretrained(export_dir)
     enc = get_tokenizer()
-    for text in ["Hello world", " héllo  wörld\n\n\tx", "日本語のテキスト 🤖", "It's 3.14159 -- isn't it?", "<|endoftext|>"]:
+    for text in ["Hello world", " héllo  wörld\n\n\tx", "日本語のテキスト 🤖", "It's 3.14159 -- isn't it?",
+                 "<|endoftext|>"]:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all"), text
         assert tok.decode(enc.encode(text, allowed_special="all")) == text
     assert tok.eos_token_id == tok.bos_token_id == 50256 and tok.model_max_length == 128
@@ -232,7 +233,8 @@ def test_cli_bad_inputs(hf_dir, converted, tmp_path, capfd):
 
 def test_cli_bad_inputs_as_subprocesses(hf_dir, tmp_path):
     """End to end, as a user runs it: no network, a non-GPT-2 dir."""
-    rc, _, err = convert("--hf_model", "gpt2", "--output", tmp_path / "x", env={"HF_HUB_CACHE": str(tmp_path / "empty")})
+    rc, _, err = convert("--hf_model", "gpt2", "--output", tmp_path / "x",
+                         env={"HF_HUB_CACHE": str(tmp_path / "empty")})
     assert_one_line_error(rc, err, "could not load 'gpt2'", "no network", "--hf_dir")
     cases = write_bad_dirs(tmp_path / "bad", hf_dir)
     rc, _, err = convert("--hf_dir", cases["gpt_neo"][0], "--output", tmp_path / "y")
@@ -248,7 +250,8 @@ def test_cli_hf_model_from_the_hf_cache(hf_dir, converted, tmp_path):
         (snapshot / name).write_bytes((hf_dir / name).read_bytes())
     (tmp_path / "cache" / "models--gpt2" / "refs").mkdir()
     (tmp_path / "cache" / "models--gpt2" / "refs" / "main").write_text("0" * 40)
-    rc, _, err = convert("--hf_model", "gpt2", "--output", tmp_path / "ours", env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    rc, _, err = convert("--hf_model", "gpt2", "--output", tmp_path / "ours",
+                         env={"HF_HUB_CACHE": str(tmp_path / "cache")})
     assert rc == 0, err
     got, ref = load_file(tmp_path / "ours" / "model.safetensors"), load_file(ours_dir / "model.safetensors")
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)

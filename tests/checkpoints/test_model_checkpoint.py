@@ -32,7 +32,8 @@ def test_mismatch_names_keys_and_fields(tmp_path):
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["n_layer"], cfg["n_embd"] = 3, 64
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"missing keys \['transformer.h.2.attn.c_attn.bias'.*shape mismatch transformer.h.0.attn.c_attn.bias: \(384,\)"):
+    with pytest.raises(CheckpointError, match=r"missing keys \['transformer.h.2.attn.c_attn.bias'.*"
+                                              r"shape mismatch transformer.h.0.attn.c_attn.bias: \(384,\)"):
         load_model(tmp_path / "ckpt")
 
 

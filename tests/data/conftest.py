@@ -84,7 +84,8 @@ def build_pretrain_cli():
 def prepare_finetune_cli():
     """prepare_finetune_cli(inputs, out) -> (examples, report)."""
     def prepare(inputs, out):
-        run(prepare_data_finetune.PROG, prepare_data_finetune.main, ["--input", *map(str, inputs), "--output", str(out)])
+        run(prepare_data_finetune.PROG, prepare_data_finetune.main,
+            ["--input", *map(str, inputs), "--output", str(out)])
         with open(os.path.join(out, "report.json")) as f:
             report = json.load(f)
         with open(os.path.join(out, "examples.jsonl")) as f:

@@ -11,14 +11,16 @@ from utils.tokenizer import get_tokenizer
 
 EOT = 50256
 DOCS = ([f"Document number {i}: " + "words and more words " * (i % 7) for i in range(60)]
-        + ["unicode: naïve café — 日本語 🤖", "a literal <|endoftext|> inside a document", "  spaces\n\nand\tnewlines  "])
+        + ["unicode: naïve café — 日本語 🤖", "a literal <|endoftext|> inside a document",
+           "  spaces\n\nand\tnewlines  "])
 
 
 @pytest.fixture
 def cleaned(tmp_path, write):
     d = tmp_path / "cleaned"
     write(d / "shard-00000.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in DOCS[:40]))
-    write(d / "shard-00001.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in DOCS[40:]).rstrip("\n"))
+    write(d / "shard-00001.jsonl",
+          "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in DOCS[40:]).rstrip("\n"))
     write(d / "report.json", "{}")  # prepare's report sits beside the shards and is not read
     return d
 
@@ -36,7 +38,8 @@ def split_docs(tokens):
     return docs
 
 
-def test_token_stream_equals_an_independent_encode_of_every_document(cleaned, tmp_path, monkeypatch, build_pretrain_cli):
+def test_token_stream_equals_an_independent_encode_of_every_document(cleaned, tmp_path, monkeypatch,
+                                                                     build_pretrain_cli):
     monkeypatch.setattr(data_build_pretrain, "CHUNK_BYTES", 200)  # many chunks, cut mid-file
     (train, val), meta = build_pretrain_cli(cleaned, tmp_path / "out", "--val_fraction", "0.1", "--num_workers", "2")
     enc = get_tokenizer()
@@ -75,7 +78,8 @@ def test_val_fraction_zero_and_the_one_document_case(cleaned, tmp_path, write, f
     (train, val), meta = build_pretrain_cli(cleaned, tmp_path / "o1", "--val_fraction", "0")
     assert len(val) == 0 and meta["splits"]["train"]["documents"] == len(DOCS)
     one = write(tmp_path / "one" / "a.jsonl", '{"text": "only"}\n')
-    msg = fails(build_pretrain_datasets, ["--input", os.path.dirname(one), "--output", str(tmp_path / "o2"), "--val_fraction", "0.5"])
+    msg = fails(build_pretrain_datasets,
+                ["--input", os.path.dirname(one), "--output", str(tmp_path / "o2"), "--val_fraction", "0.5"])
     assert "a validation split needs at least 2 documents, the input has 1" in msg and no_output(tmp_path / "o2")
 
 
@@ -97,7 +101,8 @@ def test_plan_chunks_covers_every_line_once(tmp_path, write):
 
 
 def test_bad_lines_are_skipped_and_listed_in_meta(tmp_path, write, build_pretrain_cli):
-    src = write(tmp_path / "in" / "a.jsonl", b'{"text": "good"}\nnot json\n{"txt": "x"}\n{"text": "caf\xe9"}\n{"text": "also good"}\n')
+    src = write(tmp_path / "in" / "a.jsonl",
+                b'{"text": "good"}\nnot json\n{"txt": "x"}\n{"text": "caf\xe9"}\n{"text": "also good"}\n')
     (train, _), meta = build_pretrain_cli(tmp_path / "in", tmp_path / "out", "--val_fraction", "0")
     assert split_docs(train) == [get_tokenizer().encode("good"), get_tokenizer().encode("also good")]
     assert meta["bad_lines"] == 3
@@ -135,7 +140,8 @@ def test_a_failure_halfway_leaves_nothing_under_the_output_name(cleaned, tmp_pat
             raise DataError("simulated failure")
         return real(texts)
     monkeypatch.setattr(data_build_pretrain, "encode_docs", flaky)
-    msg = fails(build_pretrain_datasets, ["--input", str(cleaned), "--output", str(tmp_path / "out"), "--num_workers", "0"])
+    msg = fails(build_pretrain_datasets,
+                ["--input", str(cleaned), "--output", str(tmp_path / "out"), "--num_workers", "0"])
     assert msg.endswith("simulated failure") and no_output(tmp_path / "out")
 
 

@@ -35,7 +35,7 @@ def run_steps(ls, steps):
     """Per optimizer step: [per rank: [per micro-step: x]]."""
     out = []
     for _ in range(steps):
-        out.append([[l.next_batch()[0] for _ in range(l.grad_accum_steps)] for l in ls])
+        out.append([[loader.next_batch()[0] for _ in range(loader.grad_accum_steps)] for loader in ls])
     return out
 
 
@@ -86,7 +86,7 @@ def test_state_dict_resumes_exactly_even_at_another_world_size(tmp_path):
     reference = run_steps(loaders(sources, 2, 1, 2, seed=1), 10)
     first = loaders(sources, 2, 1, 2, seed=1)
     run_steps(first, 4)
-    states = [l.state_dict() for l in first]
+    states = [loader.state_dict() for loader in first]
     assert states[0] == states[1]
     assert all(type(v) in (int, float, list) for v in states[0].values())
     assert all(type(i) is int for v in states[0].values() if isinstance(v, list) for i in v)
@@ -176,7 +176,7 @@ def test_finetune_epochs_ranks_and_resume(tmp_path):
     assert len(ranks[0]) == 10 and ranks[0].steps_per_epoch == math.ceil(10 / 4)
     ids = []
     for _ in range(5):  # 20 samples = 2 epochs
-        step = [example_ids(l.next_batch()) for l in ranks]
+        step = [example_ids(loader.next_batch()) for loader in ranks]
         assert not set(step[0]) & set(step[1])
         ids += step[0] + step[1]
     assert sorted(ids[:10]) == sorted(ids[10:]) == list(range(10)) and ids[:10] != ids[10:]

@@ -36,8 +36,10 @@ def test_every_common_shape(tmp_path, write, prepare_finetune_cli):
             {"question": "Impossible?", "answers": [], "is_impossible": True}]}]}]}))
     write(d / "f_messages.jsonl", json.dumps({"messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "U1"},
-        {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]}) + "\n")
-    write(d / "g_sharegpt.json", json.dumps([{"conversations": [{"from": "human", "value": "H"}, {"from": "gpt", "value": "G"}]}]))
+        {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+        {"role": "assistant", "content": "A2"}]}) + "\n")
+    write(d / "g_sharegpt.json", json.dumps([{"conversations": [{"from": "human", "value": "H"},
+                                                                {"from": "gpt", "value": "G"}]}]))
     write(d / "h_chatterbot.yml", CHATTERBOT_YAML)
     examples, report = prepare_finetune_cli([d], tmp_path / "out")
     assert examples == [
@@ -80,9 +82,11 @@ def test_bad_records_and_files_are_reported(tmp_path, write, prepare_finetune_cl
 
 def test_prepare_errors(tmp_path, write, fails, no_output):
     out = str(tmp_path / "out")
-    assert fails(prepare_data_finetune, ["--input", str(tmp_path / "x.json"), "--output", out]).endswith("does not exist; check the path")
+    assert fails(prepare_data_finetune,
+                 ["--input", str(tmp_path / "x.json"), "--output", out]).endswith("does not exist; check the path")
     (tmp_path / "e").mkdir()
-    assert "holds no .json/.jsonl/.yaml/.yml files" in fails(prepare_data_finetune, ["--input", str(tmp_path / "e"), "--output", out])
+    assert "holds no .json/.jsonl/.yaml/.yml files" in fails(prepare_data_finetune,
+                                                             ["--input", str(tmp_path / "e"), "--output", out])
     only_bad = write(tmp_path / "bad.jsonl", '{"text": "no prompt"}\n')
     msg = fails(prepare_data_finetune, ["--input", only_bad, "--output", out])
     assert "no fine-tuning examples found (1 record(s) read, 1 bad)" in msg
@@ -126,7 +130,8 @@ def test_build_applies_the_template_truncates_and_drops(prepared, tmp_path, buil
             assert len(p) + len(c) > 64 and by_completion[tuple(c)] == p[-(64 - len(c)):]
         else:
             assert by_completion[tuple(c)] == p
-    assert enc.decode(by_completion[tuple(enc.encode(format_completion("Answer 5.")))]).startswith("\n\n### User: Earlier?")
+    assert enc.decode(by_completion[tuple(enc.encode(format_completion("Answer 5.")))]).startswith(
+        "\n\n### User: Earlier?")
     assert max(len(x["prompt_ids"]) + len(x["completion_ids"]) for x in got) <= 64
 
 

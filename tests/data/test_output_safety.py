@@ -44,7 +44,8 @@ def test_an_output_overlapping_the_input_is_refused_and_the_input_survives(raw, 
     assert snapshot(tmp_path) == before  # before the fix "same" left only report.json and a shard
 
 
-def test_every_data_script_refuses_its_input_as_output(raw, raw_qa, tmp_path, fails, prepare_pretrain_cli, prepare_finetune_cli, snapshot):
+def test_every_data_script_refuses_its_input_as_output(raw, raw_qa, tmp_path, fails, prepare_pretrain_cli,
+                                                       prepare_finetune_cli, snapshot):
     prepare_pretrain_cli([raw], tmp_path / "cleaned")
     prepare_finetune_cli([raw_qa], tmp_path / "prepared_qa")
     before = snapshot(tmp_path)

@@ -22,7 +22,9 @@ from utils.data.readers import BadLine, _iter_json_array, discover_files
 def corpus(tmp_path, write):
     raw = tmp_path / "raw"
     # wikiextractor --json layout: text/AA/wiki_00, no extension
-    write(raw / "wiki" / "AA" / "wiki_00", "".join(json.dumps({"id": str(i), "url": f"u{i}", "title": f"T{i}", "text": f"Article {i}.\nBody  text {i}."}) + "\n" for i in range(3)))
+    write(raw / "wiki" / "AA" / "wiki_00",
+          "".join(json.dumps({"id": str(i), "url": f"u{i}", "title": f"T{i}", "text": f"Article {i}.\nBody  text {i}."})
+                  + "\n" for i in range(3)))
     write(raw / "wiki" / "AB" / "wiki_00", '<doc id="9" url="u9" title="Doc">\nDoc\n\nWikidoc body.\n</doc>\n')
     write(raw / "books" / "a.txt", "Book A line one.\nLine two.\n\n\nSecond paragraph of A.\n")
     write(raw / "books" / "b.txt", "Article 0.\nBody text 0.")  # duplicate of a wiki article after cleaning
@@ -103,14 +105,16 @@ def test_non_utf8_lines_are_skipped_with_file_and_line(tmp_path, write, prepare_
     assert "not valid UTF-8 (byte 0xe9" in bad[0]["reason"] and "iconv" in bad[0]["reason"]
 
 
-def test_empty_and_binary_files_are_skipped_or_fatal_when_alone(tmp_path, write, fails, no_output, prepare_pretrain_cli):
+def test_empty_and_binary_files_are_skipped_or_fatal_when_alone(tmp_path, write, fails, no_output,
+                                                                prepare_pretrain_cli):
     empty = write(tmp_path / "empty.txt", "")
     binary = write(tmp_path / "blob.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     good = write(tmp_path / "good.txt", "fine")
     docs, report = prepare_pretrain_cli([empty, binary, good], tmp_path / "out")
     assert docs == ["fine"]
     assert [(s["file"], s["reason"]) for s in report["files_skipped"]] == [
-        (empty, "is empty"), (binary, "looks binary (NUL bytes in its first 8 KiB); if it is UTF-16 text, convert it to UTF-8")]
+        (empty, "is empty"),
+        (binary, "looks binary (NUL bytes in its first 8 KiB); if it is UTF-16 text, convert it to UTF-8")]
     msg = fails(prepare_data_pretrain, ["--input", empty, "--output", str(tmp_path / "o2")])
     assert f"no documents left to write ({empty}: is empty)" in msg and no_output(tmp_path / "o2")
     msg = fails(prepare_data_pretrain, ["--input", binary, "--output", str(tmp_path / "o3")])
@@ -156,7 +160,8 @@ def test_a_failure_halfway_leaves_nothing_under_the_output_name(tmp_path, monkey
 
 
 def test_help_for_every_data_script(capsys):
-    for module in (prepare_data_pretrain, build_pretrain_datasets, prepare_data_finetune, build_finetune_datasets, make_sample_corpora):
+    for module in (prepare_data_pretrain, build_pretrain_datasets, prepare_data_finetune, build_finetune_datasets,
+                   make_sample_corpora):
         with pytest.raises(SystemExit) as e:
             module.main(["--help"])
         assert e.value.code == 0
@@ -164,7 +169,8 @@ def test_help_for_every_data_script(capsys):
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path, repo):
-    r = subprocess.run([sys.executable, "prepare_data_pretrain.py", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "prepare_data_pretrain.py", "--input", str(tmp_path / "missing"),
+                        "--output", str(tmp_path / "o")],
                        cwd=repo, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr == f"prepare_data_pretrain.py: error: input {tmp_path / 'missing'} does not exist; check the path\n"

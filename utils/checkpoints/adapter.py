@@ -51,7 +51,8 @@ def load_adapter_config(directory) -> dict:
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise CheckpointError(training_dir_hint(directory) or
-                              f"{directory}: no {ADAPTER_CONFIG}; a LoRA adapter is a directory written by finetune_lora.py")
+                              f"{directory}: no {ADAPTER_CONFIG}; "
+                              "a LoRA adapter is a directory written by finetune_lora.py")
     with open(path) as f:
         config = json.load(f)
     if config.get("format") != FORMAT:
@@ -72,7 +73,8 @@ def check_base(adapter_config, base_dir, base_config: GPT2Config, check_fingerpr
         actual = fingerprint(base_dir)
         if actual != expected:
             raise CheckpointError(f"base model {base_dir} has other weights than the one the adapter was trained on "
-                                  f"({adapter_config.get('base_checkpoint')}): sha256 {actual[:12]}… vs {expected[:12]}…")
+                                  f"({adapter_config.get('base_checkpoint')}): "
+                                  f"sha256 {actual[:12]}… vs {expected[:12]}…")
 
 
 def attach_adapter(model, adapter_dir, base_dir=None, check_fingerprint=True):
@@ -89,7 +91,8 @@ def attach_adapter(model, adapter_dir, base_dir=None, check_fingerprint=True):
     missing = sorted(expected - set(sd))
     unexpected = sorted(k for k in set(sd) - expected if not k.endswith(".bias"))
     if missing or unexpected:
-        raise CheckpointError(f"{adapter_dir}: adapter weights do not fit its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{adapter_dir}: adapter weights do not fit its config: "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     model.load_state_dict(sd, strict=False)
     mark_only_lora_trainable(model, config["train_bias"], train_embeddings)
     assert lora_modules(model)

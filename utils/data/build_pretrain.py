@@ -80,7 +80,8 @@ def encode_docs(texts):
 
 
 def tokenize_chunk(task):
-    """Worker: (path, start, end, first_line, is_val bytes, text_field) -> (train bytes, val bytes, counts, bad lines)."""
+    """Worker: (path, start, end, first_line, is_val bytes, text_field)
+    -> (train bytes, val bytes, counts, bad lines)."""
     path, start, end, first_line, is_val, field = task
     with open(path, "rb") as f:
         f.seek(start)
@@ -106,7 +107,8 @@ def tokenize_chunk(task):
         if not isinstance(text, str):
             what = "not a JSON object" if not isinstance(record, dict) else (
                 f"missing field {field!r}" if field not in record else f"field {field!r} is not a string")
-            bad.append(BadLine(path, lineno, f"{what}; expected {{\"{field}\": ...}} (prepare_data_pretrain.py writes that)").as_dict())
+            bad.append(BadLine(path, lineno, f"{what}; expected {{\"{field}\": ...}} "
+                                             "(prepare_data_pretrain.py writes that)").as_dict())
             continue
         if text:
             texts[is_val[i]].append(text)
@@ -136,8 +138,10 @@ def build_pretrain(input_dir, output, val_fraction=0.0005, seed=1337, num_worker
     bad = BadLines()
     with writer as tmp:
         with open(os.path.join(tmp, "train.bin"), "wb") as ftrain, open(os.path.join(tmp, "val.bin"), "wb") as fval:
-            bar = tqdm(total=sum(e - s for _, s, e, *_ in chunks), unit="B", unit_scale=True, desc="tokenizing", disable=None)
-            for (path, s, e, *_), (train, val, n_train, n_val, bad_lines) in zip(chunks, ordered_map(tokenize_chunk, tasks, num_workers)):
+            bar = tqdm(total=sum(e - s for _, s, e, *_ in chunks), unit="B", unit_scale=True, desc="tokenizing",
+                       disable=None)
+            for (_, s, e, *_), (train, val, n_train, n_val, bad_lines) in zip(
+                    chunks, ordered_map(tokenize_chunk, tasks, num_workers)):
                 ftrain.write(train)
                 fval.write(val)
                 counts["train"][0] += len(train) // 2

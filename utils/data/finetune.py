@@ -123,7 +123,8 @@ def _role_turns(items, role_key, text_key):
 def examples_from_record(rec):
     """(examples, unanswered turns) of one record; ValueError says why a record is unusable."""
     if isinstance(rec, list):  # chatterbot: alternating user / assistant strings
-        return _dialogue([("user" if i % 2 == 0 else "assistant", _as_text(t, f"turn {i + 1}")) for i, t in enumerate(rec)])
+        return _dialogue([("user" if i % 2 == 0 else "assistant", _as_text(t, f"turn {i + 1}"))
+                          for i, t in enumerate(rec)])
     if not isinstance(rec, dict):
         raise ValueError(f"{_EXPECTED}; got a {type(rec).__name__}")
     if isinstance(rec.get("messages"), list):
@@ -149,7 +150,8 @@ def examples_from_record(rec):
                         unanswered += 1
                         continue
                     try:
-                        out.append(_example(_as_text(qa.get("question"), "question"), _as_text(answers, "answers"), context))
+                        out.append(_example(_as_text(qa.get("question"), "question"), _as_text(answers, "answers"),
+                                            context))
                     except Skip:
                         unanswered += 1
         return out, unanswered
@@ -219,7 +221,8 @@ def prepare_finetune(inputs, output, overwrite=False, log=print):
                     counts["examples"] += 1
             first = counts.pop("first_bad", None)
             if first is not None:
-                log(f"warning: {path}: {counts['bad_lines']} bad record(s) skipped (first at line {first.line}: {first.reason})")
+                log(f"warning: {path}: {counts['bad_lines']} bad record(s) skipped "
+                    f"(first at line {first.line}: {first.reason})")
             report["records"] += counts["records"]
             report["examples_out"] += counts["examples"]
             report["per_file"].append(counts)
@@ -263,8 +266,10 @@ def _read_examples(files):
             except json.JSONDecodeError as e:
                 yield index - 1, BadLine(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
-            if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) or not isinstance(ex.get("completion"), str):
-                yield index - 1, BadLine(path, lineno, "expected {\"prompt\": str, \"completion\": str[, \"context\", \"history\"]} "
+            if (not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str)
+                    or not isinstance(ex.get("completion"), str)):
+                yield index - 1, BadLine(path, lineno, "expected {\"prompt\": str, \"completion\": str"
+                                                       "[, \"context\", \"history\"]} "
                                                        "(prepare_data_finetune.py writes that)")
                 continue
             yield index - 1, ex
@@ -300,7 +305,8 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
                 p, c, cut = result
                 truncated += cut
                 name = "val" if is_val[i] else "train"
-                (fval if is_val[i] else ftrain).write(json.dumps({"prompt_ids": p, "completion_ids": c}, separators=(",", ":")) + "\n")
+                (fval if is_val[i] else ftrain).write(json.dumps({"prompt_ids": p, "completion_ids": c},
+                                                                 separators=(",", ":")) + "\n")
                 s = splits[name]
                 s["examples"] += 1
                 s["prompt_tokens"] += len(p)
@@ -314,7 +320,8 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
             "format": FORMAT,
             "tokenizer": "gpt2 (tiktoken r50k_base)",
             "eot_token": enc.eot_token,
-            "template": {"prompt": format_prompt("{question}", "{context}"), "completion": format_completion("{answer}")},
+            "template": {"prompt": format_prompt("{question}", "{context}"),
+                         "completion": format_completion("{answer}")},
             "max_seq_len": max_seq_len,
             "val_fraction": val_fraction,
             "seed": seed,

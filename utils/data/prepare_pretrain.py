@@ -53,12 +53,14 @@ def _text_of(record, path, lineno, field):
     if isinstance(record, dict):
         if field not in record:
             keys = ", ".join(list(record)[:8]) or "none"
-            return BadLine(path, lineno, f"missing field {field!r} (fields present: {keys}); pass --text_field to read another one")
+            return BadLine(path, lineno, f"missing field {field!r} (fields present: {keys}); "
+                                         "pass --text_field to read another one")
         text = record[field]
         if not isinstance(text, str):
             return BadLine(path, lineno, f"field {field!r} is a {type(text).__name__}, not a string")
         return text
-    return BadLine(path, lineno, f"expected a JSON object with a {field!r} field or a string, got a {type(record).__name__}")
+    return BadLine(path, lineno, f"expected a JSON object with a {field!r} field or a string, "
+                                 f"got a {type(record).__name__}")
 
 
 def clean_file(task):
@@ -84,7 +86,8 @@ def clean_file(task):
             except StopIteration:
                 break
             except (OSError, EOFError) as e:  # a truncated .gz/.bz2: keep what was read before
-                bad_line(BadLine(path, lineno + 1, f"the file is truncated or corrupt after this point ({e}); the rest was skipped"))
+                bad_line(BadLine(path, lineno + 1,
+                                 f"the file is truncated or corrupt after this point ({e}); the rest was skipped"))
                 break
             text = record if isinstance(record, BadLine) else _text_of(record, path, lineno, opts.text_field)
             if isinstance(text, BadLine):

@@ -163,7 +163,8 @@ def sniff_wiki(path):
 
 
 def _utf8_error(e, line):
-    return f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); convert the file to UTF-8 (e.g. iconv -f WINDOWS-1252 -t UTF-8)"
+    return (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+            "convert the file to UTF-8 (e.g. iconv -f WINDOWS-1252 -t UTF-8)")
 
 
 def read_lines(path):
@@ -265,7 +266,8 @@ def _iter_json_array(path, f, chunk_chars=1 << 20):
         if pos < len(buf) and buf[pos] == ",":
             pos += 1
         elif not (pos < len(buf) and buf[pos] == "]"):
-            yield line, BadLine(path, line, "malformed JSON (expected ',' or ']' between array elements); the rest of this array was skipped")
+            yield line, BadLine(path, line, "malformed JSON (expected ',' or ']' between array elements); "
+                                            "the rest of this array was skipped")
             return
         if pos > chunk_chars:
             buf, pos = buf[pos:], 0
@@ -284,7 +286,8 @@ def iter_json(path):
                 for lineno, value in _iter_json_array(path, f):
                     yield lineno, value
             except UnicodeDecodeError as e:
-                yield lineno, BadLine(path, lineno, f"not valid UTF-8 ({e.reason}) after line {lineno}; the rest of this file was skipped; convert it to UTF-8")
+                yield lineno, BadLine(path, lineno, f"not valid UTF-8 ({e.reason}) after line {lineno}; "
+                                                    "the rest of this file was skipped; convert it to UTF-8")
         return
     text = _read_text(path)
     if isinstance(text, BadLine):

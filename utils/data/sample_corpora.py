@@ -113,7 +113,8 @@ def make_sample_corpora(output, overwrite=False, wheel_dir=None, log=print):
                 f.write(text)
         with open(os.path.join(tmp, "pretrain", "kjv_bible.jsonl"), "w", encoding="utf-8") as f:
             for book, title, text in books:
-                f.write(json.dumps({"id": str(book), "url": "", "title": title, "text": text}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"id": str(book), "url": "", "title": title, "text": text}, ensure_ascii=False)
+                        + "\n")
         chat_dir = os.path.join(tmp, "finetune", "chatterbot")
         os.makedirs(chat_dir)
         for name, data in yamls:

