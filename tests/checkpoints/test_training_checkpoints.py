@@ -193,10 +193,11 @@ def test_resume_of_another_task_or_adapter_is_refused(tmp, run6, capsys, write_f
     shutil.copytree(run6 / "ckpt" / "final", other_base, copy_function=os.link)
     again = lora + ["--resume=auto", "--max_train_iters=2"]
     cases = {"--lora_alpha=8": "'alpha': 8.0", "--lora_r=8": "'r': 8,", "--lora_targets=q,k": "'targets': ['q', 'k']",
-             "--train_bias=true": "'train_bias': True"}
+             "--train_bias=true": "'train_bias': True", "--train_embeddings=true": "'train_embeddings': True"}
     for flag, message in cases.items():
         err = refused(finetune_lora.main, again + [flag], capsys)
-        assert "lora: checkpoint {'r': 4, 'alpha': 16.0, 'targets': ['q', 'v'], 'train_bias': False}" in err, err
+        assert ("lora: checkpoint {'r': 4, 'alpha': 16.0, 'targets': ['q', 'v'], 'train_bias': False, "
+                "'train_embeddings': False}") in err, err
         assert message in err, (flag, err)
     err = refused(finetune_lora.main, again + [f"--pretrained_ckpt={other_base}"], capsys)
     assert f"base: checkpoint {os.path.realpath(run6 / 'ckpt' / 'final')} vs now {os.path.realpath(other_base)}" in err
