@@ -19,7 +19,7 @@ from utils.training.trainer import TrainTask, train
 def main(argv=None):
     cfg = load_config(FinetuneConfig, argv, prog="finetune.py", description=__doc__)
     task = TrainTask("finetune", model_config=lambda: load_checkpoint_config(cfg.pretrained_ckpt),
-                     build_model=lambda: load_pretrained(cfg),
+                     build_model=lambda device: load_pretrained(cfg, device),
                      make_loader=lambda split, info: finetune_loader(cfg, split, info),
                      save_final=save_full_model, check_data=lambda: check_finetune_data(cfg),
                      total_steps=lambda loader: finetune_steps(cfg, loader), padded=True)

@@ -20,8 +20,8 @@ from utils.training.trainer import TrainTask, train
 def main(argv=None):
     cfg = load_config(FinetuneLoRAConfig, argv, prog="finetune_lora.py", description=__doc__)
 
-    def build_model():
-        model = load_pretrained(cfg)
+    def build_model(device):
+        model = load_pretrained(cfg, device)
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         return mark_only_lora_trainable(model, cfg.train_bias, cfg.train_embeddings)
 

@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node 8 pretrain.py --model_type=gpt2 --data_dir=data/built
     python pretrain.py --help          # every field of configs/pretrain.py
 """
+import torch
+
 from configs.parser import load_config
 from configs.pretrain import PretrainConfig
 from custom_dataset import PretrainLoader, check_pretrain_dir
@@ -30,7 +32,11 @@ def main(argv=None):
     def save_final(state_dict, model, directory):
         save_model(model, directory, state_dict=state_dict)
 
-    task = TrainTask("pretrain", model_config=model_config, build_model=lambda: GPT2LMHeadModel(model_config()),
+    def build_model(device):
+        with torch.device(device):  # on "meta" the init is skipped: rank 0 sends the weights
+            return GPT2LMHeadModel(model_config())
+
+    task = TrainTask("pretrain", model_config=model_config, build_model=build_model,
                      make_loader=make_loader, save_final=save_final, check_data=check_data)
     return train(cfg, task, prog="pretrain.py")
 

@@ -59,6 +59,18 @@ def read_safetensors(path, device="cpu") -> dict:
         raise CheckpointError(_unreadable(path, e)) from None
 
 
+def read_safetensors_shapes(path) -> dict:
+    """Every tensor of a safetensors file as an empty meta tensor of its shape and dtype (the header only)."""
+    with open_safetensors(path) as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()], device="meta")
+                for k in f.keys()}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 def open_safetensors(path):
     """safe_open(path) (tensors read one at a time), with read_safetensors' error."""
     try:
@@ -130,6 +142,8 @@ def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, *
 
     `config`: if given, the checkpoint's config must agree with it (fields that differ are named).
     `config_overrides`: fields that do not change shapes (e.g. dropout) to set on the loaded model.
+    device="meta": the same model checked against the file's header, without reading a weight (for the
+    ranks that receive their shards from rank 0, see utils/training/trainer.py::build_model).
     """
     saved = load_config(directory)
     if config is not None:
@@ -140,7 +154,7 @@ def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, *
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-    sd = read_safetensors(path, device)
+    sd = read_safetensors_shapes(path) if str(device) == "meta" else read_safetensors(path, device)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     check_state_dict(model, sd, source=path)

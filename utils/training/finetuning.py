@@ -9,13 +9,14 @@ from utils.checkpoints.model import load_model, save_model
 from utils.data.kinds import not_built_hint
 
 
-def load_pretrained(cfg):
-    """The model checkpoint to start from, with this run's dropout; --model_type, if set, must match it."""
+def load_pretrained(cfg, device="cpu"):
+    """The model checkpoint to start from, with this run's dropout; --model_type, if set, must match it.
+    On device "meta": the same model without its weights (only the file's header is read)."""
     expected = None
     if cfg.model_type:  # compare shapes only: vocab padding is the checkpoint's business
         expected = GPT2Config.from_preset(cfg.model_type,
                                           pad_vocab_multiple=load_checkpoint_config(cfg.pretrained_ckpt).pad_vocab_multiple)
-    return load_model(cfg.pretrained_ckpt, config=expected, embed_dropout=cfg.embed_dropout,
+    return load_model(cfg.pretrained_ckpt, device=device, config=expected, embed_dropout=cfg.embed_dropout,
                       attn_dropout=cfg.attn_dropout, resid_dropout=cfg.resid_dropout)
 
 

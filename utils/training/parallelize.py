@@ -3,6 +3,7 @@ activation checkpointing -> torch.compile -> FSDP2 sharding, each per transforme
 """
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -44,13 +45,23 @@ def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = F
 
 def parallelize(model, info, mixed_precision=False, activation_checkpointing=False, compile_model=False,
                 cpu_offload=False, dynamic_shapes=False):
-    """Apply all of it to a model still on the CPU: fully_shard moves each unit to the device as it shards
-    it (and with cpu_offload keeps only the shards, on the CPU), so the whole model never sits on one GPU."""
+    """Apply all of it to a model on the meta device (then fill it with load_full_state_dict) or on the
+    CPU: fully_shard moves each unit's shards to the device as it shards it (with cpu_offload keeps them on
+    the CPU), so the whole model never sits on one GPU."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_model:
         apply_compile(model, dynamic=dynamic_shapes)
     return apply_fsdp(model, info, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
+
+
+def load_full_state_dict(model, full_state, info, cpu_offload=False):
+    """Give a model sharded on the meta device its weights: rank 0 passes the full (CPU) state dict, the
+    other ranks {}; each tensor is broadcast in turn and every rank keeps its shard of it."""
+    offloaded = cpu_offload and info.device.type == "cuda"
+    model.to_empty(device="cpu" if offloaded else info.device)  # allocate the shards, uninitialised
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def gradient_bytes(model) -> int:

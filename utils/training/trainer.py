@@ -32,7 +32,7 @@ from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
-from utils.training.parallelize import gradient_bytes, parallelize
+from utils.training.parallelize import gradient_bytes, load_full_state_dict, parallelize
 
 
 class TrainingError(UserError, RuntimeError):
@@ -43,7 +43,9 @@ class TrainingError(UserError, RuntimeError):
 class TrainTask:
     name: str                                    # for messages: "pretrain", "finetune", ...
     model_config: Callable[[], object]           # its GPT2Config, cheaply (a preset, a checkpoint's config.json)
-    build_model: Callable[[], torch.nn.Module]   # plain model with weights, trainable params requires_grad
+    # (device) -> plain model, trainable params requires_grad: with its weights on "cpu"; on "meta", the same
+    # modules without any (a checkpoint's header is still checked): see build_model below
+    build_model: Callable[[str], torch.nn.Module]
     make_loader: Callable[[str, DistInfo], object]  # (split, info) -> loader with next_batch()/state_dict()/len()
     save_final: Callable[[dict, torch.nn.Module, str], None]  # (full state dict, model, dir), on rank 0
     check_data: Callable[[], int | None]         # raises if the data is missing; the longest sequence it was built for
@@ -202,14 +204,22 @@ def _train(cfg, task, info, checkpointer, run_log):
 
 
 def build_model(cfg, task, info):
-    """The task's model, parallelized, and its optimizer: (model, optimizer, bf16)."""
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = task.build_model()
+    """The task's model, sharded over the ranks, and its optimizer: (model, optimizer, bf16).
+
+    Meta-device init: every rank builds the model on the meta device (no memory) and shards it; only
+    rank 0 builds it with weights (initialised from the seed, or read from a checkpoint), on the CPU, and
+    sends each rank its shards one tensor at a time. No other rank ever holds a full copy, no GPU ever
+    holds the whole model, and the initial weights are the same at every world size.
+    """
     bf16, why = choose_bf16(cfg.mixed_precision, info.device, "--mixed_precision")
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
-    # Sharded first, then each shard moved to the device: no rank ever holds the whole model on the GPU.
+    torch.manual_seed(cfg.seed)
+    full_state = task.build_model("cpu").state_dict() if info.is_main else {}
+    model = task.build_model("meta")
     parallelize(model, info, mixed_precision=bf16, activation_checkpointing=cfg.activation_checkpointing,
                 compile_model=cfg.compile_model, cpu_offload=cfg.cpu_offload, dynamic_shapes=task.padded)
+    load_full_state_dict(model, full_state, info, cpu_offload=cfg.cpu_offload)
+    del full_state
     return model, build_optimizer(model, cfg, info.device), bf16
 
 

@@ -1,0 +1,92 @@
+"""Run by test_meta_init.py, alone or under torchrun: build each task's model with the training loop's
+build_model (meta-device init, FSDP2, weights broadcast from rank 0), then write, from rank 0, how it
+compares with the same model built in one plain process.
+
+    python tests/e2e/meta_init_worker.py CKPT_DIR OUT.json
+"""
+import json
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from models.gpt2 import GPT2Config, GPT2LMHeadModel
+from models.lora import apply_lora, mark_only_lora_trainable
+from utils.checkpoints.model import load_model
+from utils.checkpoints.training import gather_model_state_dict
+from utils.training.distributed import distributed_run
+from utils.training.trainer import TrainTask, build_model
+
+SEED = 1234
+CFG = SimpleNamespace(mixed_precision=False, seed=SEED, activation_checkpointing=True, compile_model=False,
+                      cpu_offload=False, weight_decay=0.1, max_lr=1e-3, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
+
+
+def plain_model(kind, ckpt, device):
+    """What each task's build_model returns: a model initialised from the seed, a checkpoint, LoRA on it."""
+    if kind == "pretrain":
+        with torch.device(device):
+            return GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny"))
+    model = load_model(ckpt, device=device)
+    if kind == "lora":
+        apply_lora(model, 4, 8.0, 0.0, ("q", "v"))
+        mark_only_lora_trainable(model)
+    return model
+
+
+def reference(kind, ckpt):
+    """The model a single plain process builds: the seed's init, or the checkpoint file's tensors."""
+    torch.manual_seed(SEED)
+    model = plain_model(kind, ckpt, "cpu")
+    if kind != "pretrain":  # the weights straight from the file, not through our loader
+        file = load_file(f"{ckpt}/model.safetensors")
+        model.load_state_dict({**model.state_dict(), **file, "lm_head.weight": file["transformer.wte.weight"]})
+    return model
+
+
+def check(kind, ckpt, info):
+    built = []
+
+    def recording_build(device):
+        built.append(device)
+        return plain_model(kind, ckpt, device)
+
+    task = TrainTask(kind, model_config=None, build_model=recording_build, make_loader=None, save_final=None,
+                     check_data=None)
+    torch.manual_seed(999 + info.rank)  # build_model must not depend on the RNG state it finds
+    model, _, _ = build_model(CFG, task, info)
+    x = torch.arange(32).view(2, 16) % 100
+    with torch.no_grad():
+        logits, _ = model(x)  # every rank takes part: FSDP2 gathers each block's parameters
+    full = gather_model_state_dict(model)
+    local = {"rank": info.rank, "built": built, "tied": model.lm_head.weight is model.transformer.wte.weight,
+             "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+             "trainable": sorted(n.replace("_checkpoint_wrapped_module.", "")
+                                 for n, p in model.named_parameters() if p.requires_grad)}
+    ranks = [None] * info.world_size
+    dist.all_gather_object(ranks, local)
+    if not info.is_main:
+        return None
+    ref = reference(kind, ckpt)
+    ref_sd = ref.state_dict()
+    with torch.no_grad():
+        ref_logits, _ = ref(x)
+    return {"ranks": ranks, "keys_equal": sorted(full) == sorted(ref_sd),
+            "max_weight_diff": max((full[k].float() - ref_sd[k].float()).abs().max().item() for k in ref_sd),
+            "max_logit_diff": (logits - ref_logits).abs().max().item(),
+            "numel": sum(p.numel() for p in ref.parameters()),
+            "trainable": sorted(n for n, p in ref.named_parameters() if p.requires_grad)}
+
+
+def main(ckpt, out_path):
+    with distributed_run("cpu", prog="meta_init_worker.py") as info:
+        results = {kind: check(kind, ckpt, info) for kind in ("pretrain", "finetune", "lora")}
+        if info.is_main:
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
