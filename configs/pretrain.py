@@ -20,7 +20,7 @@ class PretrainConfig(TrainingConfig):
     max_train_iters: int = 100_000
 
     warmup_steps: int = 2000
-    max_decay_steps: int = 100_000
+    max_decay_steps: int = 0             # 0: the cosine ends with the run (max_train_iters)
 
     eval_interval: int = 1000
     eval_iters: int = 100

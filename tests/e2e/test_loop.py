@@ -2,6 +2,7 @@
 and its edges: resume exactness, a stop between micro-steps, empty validation splits, sequence-length
 defaults, evaluation at any world size, gradient memory with accumulation, two nodes on loopback."""
 import json
+import math
 import os
 import signal
 import socket
@@ -197,13 +198,16 @@ def test_srun_copies_without_torchrun_are_refused(tmp, monkeypatch, capsys):
     assert not (tmp / "srun").exists()
 
 
-def test_warmup_longer_than_the_run_is_cut_with_a_note(tmp, capsys, read_metrics):
-    """Bug: a warmup longer than the run was accepted and the LR never decayed."""
+def test_warmup_longer_than_the_run_is_cut_and_the_lr_decays_over_the_run(tmp, capsys, read_metrics):
+    """Bugs: a warmup longer than the run was accepted and the LR never decayed; and pretrain.py's
+    max_decay_steps defaulted to 100,000 whatever --max_train_iters said, so a shorter run kept max_lr."""
     pretrain.main([str(a) for a in pretrain_args(tmp, "warm", max_train_iters=4, eval_interval=0)]
-                  + ["--warmup_steps=100", "--max_decay_steps=0"])
+                  + ["--warmup_steps=100", "--min_lr=1e-4"])  # max_decay_steps: pretrain.py's default
     assert "--warmup_steps=100 would not end within the run's 4 steps" in capsys.readouterr().out
     lrs = [r["lr"] for _, r in sorted(read_metrics(tmp / "warm" / "runs")[0].items())]
-    assert lrs[-1] < max(lrs)  # the LR decays within the run
+    # warmup cut to 4 // 10 = 0 steps, then the cosine from max_lr 1e-3 reaches min_lr 1e-4 at step 4
+    by_hand = [1e-4 + 0.5 * (1 + math.cos(math.pi * s / 4)) * 9e-4 for s in range(4)]
+    assert lrs == pytest.approx(by_hand, rel=1e-9)
 
 
 def _free_port():
