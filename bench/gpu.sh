@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, on a CUDA machine: the GPU tests (tests/gpu: nccl, bf16 FSDP2, compile,
-# activation checkpointing, CPU offload, DCP resume, LoRA, generation), then gpt2 124M training throughput
+# activation checkpointing, CPU offload, DCP resume, LoRA, generation; and meta-device init on the GPU,
+# with and without offload: tests/e2e/test_meta_init.py), then gpt2 124M training throughput
 # (block 1024) against transformers on the same GPU: tokens/s, MFU against the measured matmul peak and
 # against the GPU's datasheet bf16 peak.
 #     bash bench/gpu.sh              # PYTHON=/path/to/python to choose the interpreter
@@ -9,6 +10,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "bench/gpu.sh: error: no CUDA GPU visible")'
 $PY -c 'import torch; print("GPU:", torch.cuda.get_device_name(), "x", torch.cuda.device_count(), "| torch", torch.__version__)'
-$PY -m pytest -q tests/gpu
+$PY -m pytest -q tests/gpu tests/e2e/test_meta_init.py
 $PY bench/train_throughput.py --device cuda --config gpt2 --batch_size 8 --dtypes bf16 --modes eager,compile \
     --repeats 3 --steps 5

@@ -2,7 +2,7 @@
 build_model (meta-device init, FSDP2, weights broadcast from rank 0), then write, from rank 0, how it
 compares with the same model built in one plain process.
 
-    python tests/e2e/meta_init_worker.py CKPT_DIR OUT.json
+    python tests/e2e/meta_init_worker.py CKPT_DIR OUT.json [cpu|cuda] [offload]
 """
 import json
 import sys
@@ -20,8 +20,6 @@ from utils.training.distributed import distributed_run
 from utils.training.trainer import TrainTask, build_model
 
 SEED = 1234
-CFG = SimpleNamespace(mixed_precision=False, seed=SEED, activation_checkpointing=True, compile_model=False,
-                      cpu_offload=False, weight_decay=0.1, max_lr=1e-3, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
 
 
 def plain_model(kind, ckpt, device):
@@ -46,7 +44,7 @@ def reference(kind, ckpt):
     return model
 
 
-def check(kind, ckpt, info):
+def check(kind, ckpt, info, cpu_offload):
     built = []
 
     def recording_build(device):
@@ -55,14 +53,21 @@ def check(kind, ckpt, info):
 
     task = TrainTask(kind, model_config=None, build_model=recording_build, make_loader=None, save_final=None,
                      check_data=None)
+    cfg = SimpleNamespace(mixed_precision=False, seed=SEED, activation_checkpointing=True, compile_model=False,
+                          cpu_offload=cpu_offload, weight_decay=0.1, max_lr=1e-3, adamw_betas=(0.9, 0.95),
+                          adamw_eps=1e-8)
     torch.manual_seed(999 + info.rank)  # build_model must not depend on the RNG state it finds
-    model, _, _ = build_model(CFG, task, info)
-    x = torch.arange(32).view(2, 16) % 100
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, _, _ = build_model(cfg, task, info)
+    gpu_peak = torch.cuda.max_memory_allocated() if info.device.type == "cuda" else 0  # while building
+    x = (torch.arange(32).view(2, 16) % 100).to(info.device)
     with torch.no_grad():
         logits, _ = model(x)  # every rank takes part: FSDP2 gathers each block's parameters
     full = gather_model_state_dict(model)
     local = {"rank": info.rank, "built": built, "tied": model.lm_head.weight is model.transformer.wte.weight,
-             "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+             "local_numel": sum(p.to_local().numel() for p in model.parameters()), "gpu_peak_bytes": gpu_peak,
+             "shard_devices": sorted({p.to_local().device.type for p in model.parameters()}),
              "trainable": sorted(n.replace("_checkpoint_wrapped_module.", "")
                                  for n, p in model.named_parameters() if p.requires_grad)}
     ranks = [None] * info.world_size
@@ -72,17 +77,18 @@ def check(kind, ckpt, info):
     ref = reference(kind, ckpt)
     ref_sd = ref.state_dict()
     with torch.no_grad():
-        ref_logits, _ = ref(x)
+        ref_logits, _ = ref(x.cpu())
     return {"ranks": ranks, "keys_equal": sorted(full) == sorted(ref_sd),
             "max_weight_diff": max((full[k].float() - ref_sd[k].float()).abs().max().item() for k in ref_sd),
-            "max_logit_diff": (logits - ref_logits).abs().max().item(),
+            "max_logit_diff": (logits.float().cpu() - ref_logits).abs().max().item(),
             "numel": sum(p.numel() for p in ref.parameters()),
+            "largest_tensor_bytes": max(p.numel() * p.element_size() for p in ref.parameters()),
             "trainable": sorted(n for n, p in ref.named_parameters() if p.requires_grad)}
 
 
-def main(ckpt, out_path):
-    with distributed_run("cpu", prog="meta_init_worker.py") as info:
-        results = {kind: check(kind, ckpt, info) for kind in ("pretrain", "finetune", "lora")}
+def main(ckpt, out_path, device="cpu", offload=""):
+    with distributed_run(device, prog="meta_init_worker.py") as info:
+        results = {kind: check(kind, ckpt, info, offload == "offload") for kind in ("pretrain", "finetune", "lora")}
         if info.is_main:
             with open(out_path, "w") as f:
                 json.dump(results, f)
