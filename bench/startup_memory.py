@@ -1,7 +1,8 @@
 """Host memory each rank needs to start training: the peak resident memory a rank gains while its
 model is built, sharded and given its weights, for the training loop's meta-device init
 (utils/training/trainer.py::build_model: only rank 0 materialises the model, on the CPU, and sends each
-rank its shards) against the way before it (every rank builds the whole fp32 model, then shards it).
+rank its shards; a single process shards the model it built) against the way before it (every rank
+builds the whole fp32 model, then shards it).
 
     python bench/startup_memory.py                          # gpt2 (124M) at world size 2
     python bench/startup_memory.py --model_type gpt2-medium --world_size 4
@@ -88,7 +89,8 @@ def main():
           f"{args.world_size}: peak resident memory gained while building the model (MiB)")
     print("| init | " + " | ".join(f"rank {r}" for r in range(args.world_size)) + " | shard held after |")
     print("|---|" + "---|" * args.world_size + "---|")
-    names = {"meta": "meta device, rank 0 broadcasts (the loop's)", "full_copy": "every rank builds the whole model"}
+    names = {"meta": "the loop's: meta device, rank 0 broadcasts (1 rank: shards its model)",
+             "full_copy": "every rank builds the whole model"}
     for mode, rows in results.items():
         print(f"| {names[mode]} | " + " | ".join(f"{(r['peak'] - r['before']) / mib:.0f}" for r in rows)
               + f" | {rows[0]['shard'] / mib:.1f} |")

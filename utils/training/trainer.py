@@ -209,17 +209,21 @@ def build_model(cfg, task, info):
     Meta-device init: every rank builds the model on the meta device (no memory) and shards it; only
     rank 0 builds it with weights (initialised from the seed, or read from a checkpoint), on the CPU, and
     sends each rank its shards one tensor at a time. No other rank ever holds a full copy, no GPU ever
-    holds the whole model, and the initial weights are the same at every world size.
+    holds the whole model, and the initial weights are the same at every world size. A single process
+    has nothing to send: it shards the model it built, which frees each full tensor as its shard is made.
     """
     bf16, why = choose_bf16(cfg.mixed_precision, info.device, "--mixed_precision")
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
     torch.manual_seed(cfg.seed)
-    full_state = task.build_model("cpu").state_dict() if info.is_main else {}
-    model = task.build_model("meta")
+    alone = info.world_size == 1
+    with_weights = task.build_model("cpu") if info.is_main else None
+    model = with_weights if alone else task.build_model("meta")
     parallelize(model, info, mixed_precision=bf16, activation_checkpointing=cfg.activation_checkpointing,
                 compile_model=cfg.compile_model, cpu_offload=cfg.cpu_offload, dynamic_shapes=task.padded)
-    load_full_state_dict(model, full_state, info, cpu_offload=cfg.cpu_offload)
-    del full_state
+    if not alone:
+        full_state = with_weights.state_dict() if info.is_main else {}
+        del with_weights
+        load_full_state_dict(model, full_state, info, cpu_offload=cfg.cpu_offload)
     return model, build_optimizer(model, cfg, info.device), bf16
 
 
