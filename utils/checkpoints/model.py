@@ -59,16 +59,21 @@ def read_safetensors(path, device="cpu") -> dict:
         raise CheckpointError(_unreadable(path, e)) from None
 
 
-def read_safetensors_shapes(path) -> dict:
-    """Every tensor of a safetensors file as an empty meta tensor of its shape and dtype (the header only)."""
-    with open_safetensors(path) as f:
-        return {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()], device="meta")
-                for k in f.keys()}
-
-
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool}  # safetensors' dtype names
+
+
+def read_safetensors_shapes(path) -> dict:
+    """Every tensor of a safetensors file as an empty meta tensor of its shape and dtype (the header only)."""
+    shapes = {}
+    with open_safetensors(path) as f:
+        for k in f.keys():
+            info = f.get_slice(k)
+            if info.get_dtype() not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {k} has dtype {info.get_dtype()}, which a model cannot hold")
+            shapes[k] = torch.empty(info.get_shape(), dtype=_DTYPES[info.get_dtype()], device="meta")
+    return shapes
 
 
 def open_safetensors(path):
