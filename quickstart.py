@@ -67,11 +67,8 @@ def read_json(path):
 
 
 def training_figures(log_dir):
-    steps, evals = {}, {}
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            (evals if "eval_loss" in r else steps)[r["step"]] = r
+    from utils.training.metrics import read_metrics
+    steps, evals = read_metrics(log_dir)
     first, last = steps[min(steps)], steps[max(steps)]
     speed = sorted(r["tokens_per_sec"] for r in steps.values())[len(steps) // 2]
     ev = " -> ".join(f"{evals[s]['eval_loss']:.3f}" for s in sorted(evals))
@@ -116,8 +113,9 @@ class Stages:
 
 
 def last_eval_loss(log_dir):
-    evals = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl")) if '"eval_loss"' in line]
-    return evals[-1]["eval_loss"]
+    from utils.training.metrics import read_metrics
+    evals = read_metrics(log_dir)[1]
+    return evals[max(evals)]["eval_loss"]
 
 
 def evaluate_pretrained(checkpoint, built, out_json, device):

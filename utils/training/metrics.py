@@ -104,6 +104,14 @@ class RunLog:
         self.close()
 
 
+def read_metrics(log_dir) -> tuple[dict, dict]:
+    """({step: train record}, {step: eval record}) from a run's metrics.jsonl."""
+    steps, evals = {}, {}
+    for r in _records(os.path.join(log_dir, METRICS_FILE)):
+        (evals if "eval_loss" in r else steps)[r["step"]] = r
+    return steps, evals
+
+
 def _records(path) -> list:
     """The records of a metrics.jsonl; a line cut short by a crash is dropped."""
     if not os.path.isfile(path):
