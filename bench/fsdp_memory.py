@@ -21,11 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def local_bytes(t):
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
-
-
 def worker(args):
     """One rank: build, shard, take one step, report this rank's bytes (rank 0 prints all ranks)."""
     from types import SimpleNamespace
@@ -36,7 +31,7 @@ def worker(args):
     from models.gpt2 import GPT2Config, GPT2LMHeadModel
     from utils.training.distributed import cleanup_distributed, init_distributed
     from utils.training.optim import build_optimizer
-    from utils.training.parallelize import gradient_bytes, parallelize
+    from utils.training.parallelize import gradient_bytes, local_bytes, parallelize
 
     info = init_distributed("auto")
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def worker(args):
 
     from models.gpt2 import GPT2Config, GPT2LMHeadModel
     from utils.training.distributed import cleanup_distributed, init_distributed
-    from utils.training.parallelize import parallelize
+    from utils.training.parallelize import local_bytes, parallelize
     from utils.training.trainer import TrainTask, build_model
 
     info = init_distributed("auto")
@@ -57,7 +57,7 @@ def worker(args):
         model = GPT2LMHeadModel(config)
         parallelize(model, info)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    shard = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
+    shard = sum(local_bytes(p) for p in model.parameters())
     rows = [None] * info.world_size
     dist.all_gather_object(rows, {"rank": info.rank, "before": before, "peak": peak, "shard": shard,
                                   "full": sum(p.numel() * 4 for p in model.parameters())})

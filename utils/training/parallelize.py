@@ -26,6 +26,11 @@ def apply_compile(model, dynamic=False):
         block.compile(dynamic=dynamic)
 
 
+def offloads(cpu_offload, info) -> bool:
+    """cpu_offload keeps the shards in host memory on CUDA; on a CPU run they are there already."""
+    return cpu_offload and info.device.type == "cuda"
+
+
 def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = False):
     """Shard every block, then the root (embeddings, final LayerNorm, tied lm_head), over all ranks.
 
@@ -34,7 +39,7 @@ def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = F
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload and info.device.type == "cuda" else OffloadPolicy()
+    offload = CPUOffloadPolicy() if offloads(cpu_offload, info) else OffloadPolicy()
     blocks = model.transformer.h
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
@@ -58,23 +63,25 @@ def parallelize(model, info, mixed_precision=False, activation_checkpointing=Fal
 def load_full_state_dict(model, full_state, info, cpu_offload=False):
     """Give a model sharded on the meta device its weights: rank 0 passes the full (CPU) state dict, the
     other ranks {}; each tensor is broadcast in turn and every rank keeps its shard of it."""
-    offloaded = cpu_offload and info.device.type == "cuda"
-    model.to_empty(device="cpu" if offloaded else info.device)  # allocate the shards, uninitialised
+    model.to_empty(device="cpu" if offloads(cpu_offload, info) else info.device)  # allocate the shards, uninitialised
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def local_bytes(t) -> int:
+    """Bytes this rank holds of `t`: its shard of a DTensor, or all of a plain tensor."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def gradient_bytes(model) -> int:
     """Bytes of gradient this rank holds now: its shards' .grad, plus the unsharded gradients FSDP2 keeps
     while micro-steps accumulate without reduce-scatter (read from FSDP2's internal FSDPParam fields)."""
-    def local(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-    total = sum(local(p.grad) for p in model.parameters() if p.grad is not None)
+    total = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
     for module in model.modules():
         group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
         for fsdp_param in group.fsdp_params if group else ():
             unsharded = getattr(fsdp_param, "_unsharded_param", None)
             for grad in (fsdp_param.unsharded_accumulated_grad, unsharded.grad if unsharded is not None else None):
-                total += local(grad) if grad is not None else 0
+                total += local_bytes(grad) if grad is not None else 0
     return total

@@ -32,7 +32,7 @@ from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
-from utils.training.parallelize import gradient_bytes, load_full_state_dict, parallelize
+from utils.training.parallelize import gradient_bytes, load_full_state_dict, local_bytes, parallelize
 
 
 class TrainingError(UserError, RuntimeError):
@@ -347,11 +347,8 @@ def log_eval(step, result, run_log, info):
 
 def sharded_bytes(model, optimizer, grad_bytes, info):
     """Bytes of parameters, optimizer state and (mid-window) gradients held by each rank, gathered."""
-    def local(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-    params = sum(local(p) for p in model.parameters())
-    optim = sum(local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    params = sum(local_bytes(p) for p in model.parameters())
+    optim = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, (params, optim, grad_bytes or 0))
     return {name: [g[i] for g in gathered] for i, name in enumerate(("params", "optimizer", "grads"))}
