@@ -50,7 +50,7 @@ def apply_fsdp(model, info, mixed_precision: bool = False, cpu_offload: bool = F
 
 def parallelize(model, info, mixed_precision=False, activation_checkpointing=False, compile_model=False,
                 cpu_offload=False, dynamic_shapes=False):
-    """Apply all of it to a model on the meta device (then fill it with load_full_state_dict) or on the
+    """Apply all of it to a model on the meta device (then materialize it) or on the
     CPU: fully_shard moves each unit's shards to the device as it shards it (with cpu_offload keeps them on
     the CPU), so the whole model never sits on one GPU."""
     if activation_checkpointing:
@@ -60,11 +60,14 @@ def parallelize(model, info, mixed_precision=False, activation_checkpointing=Fal
     return apply_fsdp(model, info, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
 
 
-def load_full_state_dict(model, full_state, info, cpu_offload=False):
-    """Give a model sharded on the meta device its weights: rank 0 passes the full (CPU) state dict, the
-    other ranks {}; each tensor is broadcast in turn and every rank keeps its shard of it."""
-    model.to_empty(device="cpu" if offloads(cpu_offload, info) else info.device)  # allocate the shards, uninitialised
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+def materialize(model, info, cpu_offload=False, full_state=None):
+    """Allocate the shards of a model sharded on the meta device and, given `full_state` (rank 0: the full
+    CPU state dict, the other ranks: {}), fill them: each tensor is broadcast in turn and every rank keeps
+    its shard of it. Without it the shards stay uninitialised, for a checkpoint to overwrite."""
+    model.to_empty(device="cpu" if offloads(cpu_offload, info) else info.device)
+    if full_state is not None:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state, options=options)
     return model
 
 

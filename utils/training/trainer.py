@@ -32,7 +32,7 @@ from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
-from utils.training.parallelize import gradient_bytes, load_full_state_dict, local_bytes, parallelize
+from utils.training.parallelize import gradient_bytes, local_bytes, materialize, parallelize
 
 
 class TrainingError(UserError, RuntimeError):
@@ -140,7 +140,9 @@ def _train(cfg, task, info, checkpointer, run_log):
                 "checkpoint": checkpointer.resume_path, "stopped_early": False, "final": checkpointer.final_dir}
     warmup, decay = fit_warmup(cfg, max_steps, info)
 
-    model, optimizer, bf16 = build_model(cfg, task, info)
+    # A checkpoint that holds every weight (all but LoRA's) overwrites them: none need building.
+    restoring = checkpointer.resume_path is not None and not task.ignore_frozen_params
+    model, optimizer, bf16 = build_model(cfg, task, info, restoring)
     model_config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -203,7 +205,7 @@ def _train(cfg, task, info, checkpointer, run_log):
     return summary
 
 
-def build_model(cfg, task, info):
+def build_model(cfg, task, info, restoring=False):
     """The task's model, sharded over the ranks, and its optimizer: (model, optimizer, bf16).
 
     Meta-device init: every rank builds the model on the meta device (no memory) and shards it; only
@@ -211,19 +213,21 @@ def build_model(cfg, task, info):
     sends each rank its shards one tensor at a time. No other rank ever holds a full copy, no GPU ever
     holds the whole model, and the initial weights are the same at every world size. A single process
     has nothing to send: it shards the model it built, which frees each full tensor as its shard is made.
+    restoring: a checkpoint will overwrite every weight (DCP refuses one that lacks any), so no rank
+    builds them: the shards are only allocated.
     """
     bf16, why = choose_bf16(cfg.mixed_precision, info.device, "--mixed_precision")
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
     torch.manual_seed(cfg.seed)
-    alone = info.world_size == 1
-    with_weights = task.build_model("cpu") if info.is_main else None
+    alone = info.world_size == 1 and not restoring
+    with_weights = task.build_model("cpu") if info.is_main and not restoring else None
     model = with_weights if alone else task.build_model("meta")
     parallelize(model, info, mixed_precision=bf16, activation_checkpointing=cfg.activation_checkpointing,
                 compile_model=cfg.compile_model, cpu_offload=cfg.cpu_offload, dynamic_shapes=task.padded)
     if not alone:
-        full_state = with_weights.state_dict() if info.is_main else {}
+        full_state = None if restoring else with_weights.state_dict() if info.is_main else {}
         del with_weights
-        load_full_state_dict(model, full_state, info, cpu_offload=cfg.cpu_offload)
+        materialize(model, info, cfg.cpu_offload, full_state)
     return model, build_optimizer(model, cfg, info.device), bf16
 
 
