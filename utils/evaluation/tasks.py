@@ -75,7 +75,7 @@ def build_examples(task, docs, source="data"):
         return [BUILDERS[task](d) for d in docs]
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{source}: a {task} row lacks the expected fields ({type(e).__name__}: {e}); "
-                        f"see README 'Evaluating' for the accepted formats") from None
+                        f"see docs/evaluation.md for the accepted formats") from None
 
 
 def multiple_choice_metrics(task, examples, scores):
