@@ -1,11 +1,15 @@
 """Defaults for finetune.py: full fine-tuning of a model checkpoint on prompt/completion data."""
 from dataclasses import dataclass
+from typing import ClassVar
 
 from configs.training import TrainingConfig
 
 
 @dataclass
 class FinetuneConfig(TrainingConfig):
+    # the fields this script adds to its base's; a name in neither is refused (a likely typo)
+    own_fields: ClassVar[tuple[str, ...]] = ("pretrained_ckpt", "num_epochs")
+
     model_type: str = ""                 # empty = the checkpoint's; a preset name makes a mismatch an error
     pretrained_ckpt: str = "checkpoints/pretrain/final"  # model checkpoint dir (ours, or convert_hf_checkpoint.py's)
     data_dir: str = "data/finetune_built"  # build_finetune_datasets.py output: train.jsonl, val.jsonl

@@ -1,11 +1,17 @@
 """Defaults for finetune_lora.py: finetune.py's fields plus the LoRA ones."""
 from dataclasses import dataclass
+from typing import ClassVar
 
 from configs.finetune import FinetuneConfig
 
 
 @dataclass
 class FinetuneLoRAConfig(FinetuneConfig):
+    # the fields this script adds to its base's; a name in neither is refused (a likely typo)
+    own_fields: ClassVar[tuple[str, ...]] = (
+        "lora_r", "lora_alpha", "lora_dropout",
+        "lora_targets", "train_bias", "train_embeddings")
+
     lora_r: int = 8                      # rank of the update B @ A
     lora_alpha: float = 32.0             # the update is scaled by lora_alpha / lora_r (stored with the adapter)
     lora_dropout: float = 0.05           # dropout on the LoRA input

@@ -3,9 +3,15 @@
 Each script's defaults live in `configs/<script>.py` as a dataclass. Any field can be
 overridden from the command line as `--field=value` or `--field value`; values are parsed
 to the field's declared type. An unknown field is an error that lists the valid ones.
+
+Editing a config module is checked too (`check_config_class`): a default of the wrong type, or a
+field that neither the base config nor the script declares (a misspelling would otherwise become a
+new field nothing reads, while the real one keeps its default), is one line naming the file and line.
 """
 import dataclasses
+import difflib
 import inspect
+import os
 import re
 import sys
 import types
@@ -74,6 +80,91 @@ def parse_value(text: str, tp):
     if tp is typing.Any:
         return text
     raise ValueError(f"unsupported field type {tp}")
+
+
+def _matches(value, tp) -> bool:
+    """Whether a default `value` is of the declared type `tp` (the types parse_value reads)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin in (tuple, list):
+        if not isinstance(value, origin):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return tp is typing.Any
+
+
+def _where(cfg_cls, name) -> str:
+    """`configs/pretrain.py:21` for the class in cfg_cls's hierarchy that declares (or sets) `name`."""
+    for klass in cfg_cls.__mro__:
+        if name in inspect.get_annotations(klass) or name in klass.__dict__:
+            try:
+                path = inspect.getsourcefile(klass)
+                lines, start = inspect.getsourcelines(klass)
+            except (OSError, TypeError):
+                return klass.__name__
+            rel = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+            for i, line in enumerate(lines):
+                if re.match(rf"\s*{name}\s*[:=]", line):
+                    return f"{rel}:{start + i}"
+            return rel
+    return cfg_cls.__name__
+
+
+def check_config_class(cfg_cls):
+    """Mistakes made editing a config module, refused before they do harm (ConfigError, one line).
+
+    Valid fields are the base config's (the root dataclass: TrainingConfig for the training scripts)
+    plus those a script declares in its class's `own_fields`. Every default must have its field's type,
+    and a field keeps the type the base gave it.
+    """
+    bases = [k for k in cfg_cls.__mro__ if dataclasses.is_dataclass(k)]
+    root = bases[-1]
+    root_hints = typing.get_type_hints(root)
+    valid = [f.name for f in dataclasses.fields(root)]
+    for klass in reversed(bases):
+        valid += [n for n in klass.__dict__.get("own_fields", ()) if n not in valid]
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        if f.name not in valid:
+            nearest = difflib.get_close_matches(f.name, valid, n=1, cutoff=0.0)
+            raise ConfigError(f"{_where(cfg_cls, f.name)}: {f.name} is not a config field of this script, so "
+                              f"nothing would read it; did you mean {nearest[0]}? (a new field must also be "
+                              f"listed in the class's own_fields)")
+        if f.name in root_hints and hints[f.name] != root_hints[f.name]:
+            raise ConfigError(f"{_where(cfg_cls, f.name)}: {f.name} is declared {_type_name(hints[f.name])}; "
+                              f"{root.__name__} declares it {_type_name(root_hints[f.name])}: keep that type")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if not _matches(default, hints[f.name]):
+            fix = _a(_type_name(hints[f.name]))
+            if isinstance(default, str):
+                try:
+                    fix = f"{parse_value(default, hints[f.name])!r} (no quotes)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"{_where(cfg_cls, f.name)}: {f.name} = {default!r} is not "
+                              f"{_a(_type_name(hints[f.name]))}; write {fix}")
+
+
+def _a(name):
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def _type_name(tp):
@@ -161,6 +252,11 @@ def load_config(cfg_cls, argv=None, prog=None, description=""):
     """Defaults of `cfg_cls` + command-line overrides; prints help or a one-line error and exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or sys.argv[0].rsplit("/", 1)[-1]
+    try:
+        check_config_class(cfg_cls)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cfg_cls, prog, description))
         sys.exit(0)

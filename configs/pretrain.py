@@ -4,12 +4,16 @@ For a laptop run use a small preset, e.g.
     python pretrain.py --model_type=gpt2-mini --max_seq_length=256 --data_dir=data/built ...
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 from configs.training import TrainingConfig
 
 
 @dataclass
 class PretrainConfig(TrainingConfig):
+    # the fields this script adds to its base's; a name in neither is refused (a likely typo)
+    own_fields: ClassVar[tuple[str, ...]] = ("datasources",)
+
     model_type: str = "gpt2-xl"          # 1558M parameters
     # Mixture of built datasets as "dir:weight" pairs, e.g. the original's blend:
     # ("data/openwebtext2:0.6", "data/enwiki:0.3", "data/zhwiki:0.1"). Empty = data_dir alone.
