@@ -23,7 +23,7 @@ import torch
 
 from utils.cli import UsageError, log, parser
 from utils.errors import USER_ERRORS, user_message
-from utils.evaluation.run import default_limit_note, evaluate_tasks
+from utils.evaluation.run import default_limit_note, evaluate_tasks, find_val_bin, load_examples
 from utils.evaluation.tasks import parse_tasks
 from utils.files import atomic_file, check_output_file
 from utils.training.distributed import distributed_run
@@ -68,9 +68,13 @@ def parse_args(argv=None):
         check_output_file(args.output, "results", inputs=(args.checkpoint, args.lora, args.hf_dir, args.data_dir,
                                                           args.val_data))
     specs = [(t, n if n is not None else args.limit) for t, n in parse_tasks(args.tasks)]
-    if any(t == "val_loss" for t, _ in specs) and not args.val_data:
-        raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "
-                         "(or its val.bin)")
+    if any(t == "val_loss" for t, _ in specs):
+        if not args.val_data:
+            raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "
+                             "(or its val.bin)")
+        find_val_bin(args.val_data)
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data_dir {args.data_dir}: not a directory")
     return args, specs
 
 
@@ -111,11 +115,12 @@ def main(argv=None):
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens"))
                 log(f"{task}: {shown} ({metrics['n']} {'windows' if task == 'val_loss' else 'examples'})")
 
-        if info.is_main:
+        loaded = {t: load_examples(t, n, args.data_dir, args.wheel_dir) for t, n in specs if t != "val_loss"}
+        if info.is_main:  # every input has been read: a problem with one was its only line
             log(f"scoring {', '.join(f'{t} ({default_limit_note(t, n)})' for t, n in specs)} on {info.world_size} "
                 f"rank(s), batch size {args.batch_size}")
         results = evaluate_tasks(model, specs, data_dir=args.data_dir, wheel_dir=args.wheel_dir, val_data=args.val_data,
-                                 batch_size=args.batch_size, device=info.device, log=report)
+                                 batch_size=args.batch_size, device=info.device, log=report, loaded=loaded)
         seconds = time.perf_counter() - t0
         if info.is_main:
             print(table(results))

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from utils.cli import UsageError, log, run
-from utils.generation.args import add_model_args, add_sampling_args, check_args, resolve_dtype
+from utils.generation.args import add_model_args, add_sampling_args, check_args, check_model_dirs, resolve_dtype
 from utils.generation.loading import load_for_generation
 from utils.generation.streaming import AnswerStream, Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
 from utils.hardware import resolve_device
@@ -71,6 +71,7 @@ def main(argv=None):
     if args.question is not None and not args.question.strip():
         raise UsageError("--question is empty")
     device = resolve_device(args.device)
+    check_model_dirs(args)  # every input checked before the first line is printed
     args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, lora=args.lora, device=device, dtype=args.dtype)
     enc = get_tokenizer()

@@ -13,7 +13,7 @@ left-truncated (kept: its last block_size - max_new_tokens tokens, at least half
 import argparse
 
 from utils.cli import UsageError, run
-from utils.generation.args import add_model_args, add_sampling_args, check_args, resolve_dtype
+from utils.generation.args import add_model_args, add_sampling_args, check_args, check_model_dirs, resolve_dtype
 from utils.generation.loading import load_for_generation
 from utils.generation.streaming import Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
 from utils.hardware import resolve_device
@@ -58,6 +58,7 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
+    check_model_dirs(args)  # every input checked before the first line is printed
     args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, device=device, dtype=args.dtype)
     enc = get_tokenizer()

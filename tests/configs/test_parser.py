@@ -98,7 +98,7 @@ def one_line_exit(capsys, cls, argv=()):
      ["max_train_iters = '100k' is not an int", "write an int"]),
     ("pretrain", "max_train_iters: int = 100_000", 'max_train_iters: int = "100000"',
      ["write 100000 (no quotes)"]),
-    ("pretrain", "warmup_steps: int = 2000", "max_lr: float = 1\n    warmup_steps: int = 2000", []),  # an int is a float
+    ("pretrain", "warmup_steps: int = 2000", "max_lr: float = 1\n    warmup_steps: int = 2000", []),  # int is float
     ("pretrain", "warmup_steps: int = 2000", "warmup_step: int = 2000",
      ["warmup_step is not a config field", "did you mean warmup_steps?"]),
     ("pretrain", "warmup_steps: int = 2000", "warmup_iters: int = 2000", ["did you mean warmup_steps?"]),

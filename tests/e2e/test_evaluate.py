@@ -83,5 +83,16 @@ def test_offline_without_data_is_one_line(tmp, model_dir, run_script):
     out = run_script("evaluate.py", "--checkpoint", model_dir, "--tasks", "piqa", env=env, check=False)
     assert out.returncode == 2, out.stderr
     err = out.stderr.strip().splitlines()
+    assert len(err) == 1, out.stderr  # the data is read before the "scoring ..." line
     assert err[-1].startswith("evaluate.py: error: evaluation data:") and "--data_dir" in err[-1]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "val_loss", "--val_data", "/nonexistent"], "--val_data /nonexistent: no val.bin there"),
+    (["--tasks", "piqa", "--data_dir", "/nonexistent"], "--data_dir /nonexistent: not a directory"),
+])
+def test_inputs_are_checked_before_any_line(model_dir, run_script, args, message):
+    out = run_script("evaluate.py", "--checkpoint", model_dir, *args, check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"evaluate.py: error: {message}"
+                                                                     + out.stderr.split(message, 1)[-1].strip()]

@@ -248,6 +248,31 @@ def test_bad_checkpoint_and_device(ckpt, tmp_path, capfd):
         assert_one_line_error(rc, err, "generate_pretrained.py", "CUDA is not available")
 
 
+def test_inputs_are_checked_before_the_first_line(ckpt, tmp_path, capfd):
+    """--dtype auto says what it chose: only once --checkpoint and --lora are known to be usable."""
+    base = load_model(ckpt)
+    apply_lora(base, 4, 8.0, 0.0, ("q", "v"))
+    save_adapter(tmp_path / "adapter", adapter_state_dict(base), r=4, alpha=8.0, dropout=0.0, targets=("q", "v"),
+                 train_bias=False, base_config=base.config, base_checkpoint=ckpt)
+    cases = [
+        (generate_pretrained, ["--checkpoint", tmp_path / "nope", "--prompt", "x"], ["not a directory"]),
+        (generate_finetuned, ["--checkpoint", tmp_path / "nope", "--question", "x"], ["not a directory"]),
+        (generate_finetuned, ["--checkpoint", tmp_path / "nope"], ["not a directory"]),  # the stdin loop
+        (generate_finetuned, ["--checkpoint", ckpt, "--lora", tmp_path / "nope", "--question", "x"],
+         ["no adapter_config.json"]),
+        # the hints point the right way: an adapter is given with --lora, a model as --checkpoint
+        (generate_finetuned, ["--checkpoint", tmp_path / "adapter", "--question", "x"],
+         ["is a LoRA adapter, not a model", "--lora", f"convert_lora_checkpoint.py --base {ckpt} --lora"]),
+        (generate_finetuned, ["--checkpoint", ckpt, "--lora", ckpt, "--question", "x"],
+         ["holds a model, not an adapter"]),
+    ]
+    for module, args, fragments in cases:
+        rc, out, err = in_process(module, capfd, *args, "--dtype", "auto")
+        assert_one_line_error(rc, err, module.PROG, *fragments)
+        assert "Convert an HF model" not in err
+        assert out == ""
+
+
 def test_bad_input_as_subprocesses(ckpt):
     """End to end, as a user runs it: one line on stderr, exit code 2, no traceback."""
     rc, out, err = script("generate_pretrained.py", "--checkpoint", ckpt, "--prompt", "x", "--top_p", "1.01")

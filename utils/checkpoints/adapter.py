@@ -50,12 +50,16 @@ def save_adapter(directory, adapter_sd, *, r, alpha, dropout, targets, train_bia
 def load_adapter_config(directory) -> dict:
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
+        model = os.path.isfile(os.path.join(directory, "model.safetensors"))
         raise CheckpointError(training_dir_hint(directory) or
-                              f"{directory}: no {ADAPTER_CONFIG}; "
-                              "a LoRA adapter is a directory written by finetune_lora.py")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT:
+                              f"{directory}: no {ADAPTER_CONFIG}; a LoRA adapter is a directory written by "
+                              "finetune_lora.py" + ("; this one holds a model, not an adapter" if model else ""))
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a miniGPT LoRA adapter config (format is not {FORMAT!r})")
     return config
 

@@ -103,13 +103,36 @@ def training_dir_hint(directory) -> str:
     return ""
 
 
+def adapter_hint(directory) -> str:
+    """For a LoRA adapter given where a model is expected: how to use it. Empty for any other directory."""
+    path = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(path):
+        return ""
+    try:
+        with open(path) as f:
+            base = json.load(f).get("base_checkpoint") or "BASE"
+    except (OSError, ValueError, AttributeError):
+        base = "BASE"
+    return (f"{directory} is a LoRA adapter, not a model: give its base model as the model and the adapter as "
+            f"--lora (generate_finetuned.py, evaluate.py), or merge them first: convert_lora_checkpoint.py "
+            f"--base {base} --lora {directory} --output MERGED")
+
+
+def check_model_dir(directory) -> GPT2Config:
+    """The checkpoint's config, once the directory is known to hold a model (no weight is read)."""
+    config = load_config(directory)
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
+    return config
+
+
 def load_config(directory) -> GPT2Config:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; "
                               f"a model checkpoint is a directory with {WEIGHTS_NAME} and {CONFIG_NAME}")
     if not os.path.isfile(path):
-        raise CheckpointError(training_dir_hint(directory) or
+        raise CheckpointError(training_dir_hint(directory) or adapter_hint(directory) or
                               f"{directory}: no {CONFIG_NAME}; is this a model checkpoint (written by save_model)? "
                               "Convert an HF model first with convert_hf_checkpoint.py")
     try:
@@ -150,15 +173,13 @@ def load_model(directory, device="cpu", dtype=None, config: GPT2Config = None, *
     device="meta": the same model checked against the file's header, without reading a weight (for the
     ranks that receive their shards from rank 0, see utils/training/trainer.py::build_model).
     """
-    saved = load_config(directory)
+    saved = check_model_dir(directory)
     if config is not None:
         diff = saved.shape_differences(config)
         if diff:
             raise CheckpointError(f"{directory}: checkpoint config does not match: " + "; ".join(diff))
     cfg = GPT2Config(**{**saved.__dict__, **config_overrides})
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
     sd = read_safetensors_shapes(path) if str(device) == "meta" else read_safetensors(path, device)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)

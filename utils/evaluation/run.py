@@ -95,14 +95,15 @@ def score_task(model, task, examples, batch_size, device, sync_steps=False):
 
 
 def evaluate_tasks(model, specs, data_dir=None, wheel_dir=None, val_data=None, batch_size=32, device="cpu",
-                   sync_steps=False, log=None):
-    """{task: metrics} for [(task, limit)]. sync_steps: the model is FSDP-sharded (all ranks step together)."""
+                   sync_steps=False, log=None, loaded=None):
+    """{task: metrics} for [(task, limit)]. sync_steps: the model is FSDP-sharded (all ranks step together).
+    loaded: {task: examples} already read with load_examples (the others are read here)."""
     results = {}
     for task, limit in specs:
         if task == "val_loss":
             results[task] = val_loss(model, val_data, limit, batch_size, device)
         else:
-            examples = load_examples(task, limit, data_dir, wheel_dir)
+            examples = (loaded or {}).get(task) or load_examples(task, limit, data_dir, wheel_dir)
             results[task] = score_task(model, task, examples, batch_size, device, sync_steps)
         if log:
             log(task, results[task])

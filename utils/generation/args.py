@@ -19,6 +19,15 @@ def add_model_args(p: argparse.ArgumentParser):
                         "else float32")
 
 
+def check_model_dirs(args):
+    """--checkpoint holds a model and --lora (if any) an adapter, checked before anything is printed or loaded."""
+    from utils.checkpoints.model import check_model_dir
+    check_model_dir(args.checkpoint)
+    if getattr(args, "lora", None) is not None:
+        from utils.checkpoints.adapter import load_adapter_config
+        load_adapter_config(args.lora)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """--dtype auto -> float32 or bfloat16 by what this device does fast; says which on stderr."""
     if dtype != "auto":
