@@ -116,9 +116,12 @@ class PretrainLoader(_GlobalOrder):
         self.windows = [(len(a) - 1) // self.block_size if len(a) else 0 for a in self._data]
         for d, a, w in zip(self.data_dirs, self._data, self.windows):
             if w < 1:
-                raise EmptySplitError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than "
-                                 f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or more data"
-                                 + (" (or a larger --val_fraction)" if split == "val" else ""))
+                # block_size is the training scripts' --max_seq_length: name the flag the user sets
+                raise EmptySplitError(f"{os.path.join(d, split + '.bin')} has {len(a)} tokens, fewer than one "
+                                      f"sequence of --max_seq_length={self.block_size} tokens + 1; use a smaller "
+                                      "--max_seq_length or more data"
+                                      + (" (build_pretrain_datasets.py: a larger --val_fraction)"
+                                         if split == "val" else ""))
         self.source_counts = [0] * len(self._data)  # samples drawn from each source before `position`
         self._perms, self._choice_cache, self._step = {}, {}, None
 

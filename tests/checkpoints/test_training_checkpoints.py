@@ -210,6 +210,13 @@ def test_resume_of_another_task_or_adapter_is_refused(tmp, run6, capsys, write_f
     assert f"{ft_step} is a finetune.py checkpoint; pretrain.py resumes only its own" in err
 
 
+def test_resume_from_a_path_that_does_not_exist_says_so(tmp, run6, capsys):
+    """Issue 20 item 8: not "not a complete training checkpoint"."""
+    missing = tmp / "nonexistent" / step_dir_name(4)
+    err = refused(pretrain.main, pretrain_args(tmp, "missing", resume=missing), capsys)
+    assert f"--resume={missing} does not exist" in err and "not a complete" not in err
+
+
 def test_resuming_a_finished_run_says_so_and_keeps_final(tmp, run6, capsys):
     """Issue 16 item 7."""
     weights = run6 / "ckpt" / "final" / "model.safetensors"
@@ -218,6 +225,7 @@ def test_resuming_a_finished_run_says_so_and_keeps_final(tmp, run6, capsys):
     assert code == 0, err[-3000:]
     final = run6 / "ckpt" / "final"
     assert f"{run6 / 'ckpt'} holds a finished run (step 6 of 6; model in {final}): nothing to do" in out
+    assert "To train on, raise --max_train_iters" in out and "num_epochs" not in out  # pretrain has none
     assert "nan" not in out
     after = weights.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # final/ not rewritten

@@ -151,6 +151,18 @@ def test_a_vocab_larger_than_uint16_is_refused():
         check_vocab_fits(100277)
 
 
+def test_a_val_fraction_rounded_up_to_one_document_is_noted(cleaned, tmp_path):
+    """Issue 20 item 8: the default --val_fraction on a small corpus gives one document, and says so."""
+    notes = []
+    meta = build_pretrain(str(cleaned), str(tmp_path / "o"), val_fraction=0.005, log=notes.append)
+    assert meta["splits"]["val"]["documents"] == 1  # 0.005 x 63 = 0.3 documents, raised to one
+    [note] = [n for n in notes if n.startswith("note: --val_fraction")]
+    assert "0.005 of 63 documents is 0.32 of a document; val.bin gets 1" in note and "--val_fraction (e.g. 0.1" in note
+    notes = []
+    build_pretrain(str(cleaned), str(tmp_path / "o2"), val_fraction=0.1, log=notes.append)  # 6 documents: as asked
+    assert not [n for n in notes if "val_fraction" in n]
+
+
 def test_build_refuses_out_of_range_val_fraction(cleaned, tmp_path):
     with pytest.raises(DataError, match=r"--val_fraction must be in \[0, 1\)"):
         build_pretrain(str(cleaned), str(tmp_path / "o"), val_fraction=1.0)

@@ -129,7 +129,9 @@ def test_missing_or_too_small_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train.bin not found: .* run build_pretrain_datasets.py"):
         PretrainLoader([(str(tmp_path / "half"), 1)], "train", T, 2)
     src = make_source(tmp_path, "a", T)
-    with pytest.raises(ValueError, match=r"has 8 tokens, fewer than block_size \+ 1 = 9"):
+    # named by the flag the user sets (--max_seq_length), not the loader's block_size (issue 20 item 8)
+    with pytest.raises(ValueError, match=r"has 8 tokens, fewer than one sequence of --max_seq_length=8 tokens \+ 1; "
+                                         r"use a smaller --max_seq_length or more data$"):
         PretrainLoader([(src, 1)], "train", T, 2)
     with pytest.raises(ValueError, match="rank 2 is not below world_size 2"):
         PretrainLoader([(src, 1)], "val", T, 2, rank=2, world_size=2)

@@ -315,6 +315,9 @@ class TrainingCheckpointer:
         return None, None
 
     def _read_explicit(self, path):
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume={path} does not exist; give a step_* directory of a run's --ckpt_dir, "
+                                  "or --resume=auto for the newest one in --ckpt_dir")
         if not os.path.isfile(os.path.join(path, STATE_FILE)):
             hint = "use --resume=auto to pick the newest one in --ckpt_dir"
             if list_checkpoints(path):

@@ -132,6 +132,10 @@ def build_pretrain(input_dir, output, val_fraction=0.0005, seed=1337, num_worker
     writer = output_writer(output, overwrite, mark("pretrain_built"), [input_dir])
     chunks, n_docs = plan_chunks(files, chunk_bytes or CHUNK_BYTES)
     is_val = val_mask(n_docs, val_fraction, seed)
+    if val_fraction > 0 and round(val_fraction * n_docs) < 1:  # raised to one document: not what was asked
+        log(f"note: --val_fraction {val_fraction:g} of {n_docs:,} documents is {val_fraction * n_docs:.2g} of a "
+            f"document; val.bin gets 1, the minimum, so the validation loss measures that one document. Pass a "
+            f"larger --val_fraction (e.g. {min(0.1, max(0.01, round(10 / n_docs, 3))):g}) for a steadier figure")
     tasks = ((path, s, e, line, is_val[d:d + n].view(np.uint8).tobytes(), text_field)
              for path, s, e, line, d, n in chunks)
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents

@@ -134,8 +134,9 @@ def _train(cfg, task, info, checkpointer, run_log):
     eval_sets = load_eval_tasks(cfg.eval_tasks)  # downstream tasks (eval_tasks), read before any step
     max_steps = task.total_steps(train_loader) if task.total_steps else cfg.max_train_iters
     if checkpointer.finished(max_steps):
+        more = "--num_epochs (or --max_train_iters, if set)" if hasattr(cfg, "num_epochs") else "--max_train_iters"
         _print(info, f"{cfg.ckpt_dir} holds a finished run (step {checkpointer.resume_step} of {max_steps}; model in "
-                     f"{checkpointer.final_dir}): nothing to do. To train on, raise --max_train_iters or --num_epochs")
+                     f"{checkpointer.final_dir}): nothing to do. To train on, raise {more}")
         return {"memory": None, "steps": checkpointer.resume_step, "max_steps": max_steps, "history": [], "eval": None,
                 "checkpoint": checkpointer.resume_path, "stopped_early": False, "final": checkpointer.final_dir}
     warmup, decay = fit_warmup(cfg, max_steps, info)
