@@ -6,7 +6,8 @@
 Every stage runs the repo's normal scripts, as you would by hand, and prints its key figure.
 It ends with the fine-tuned model answering questions, greedy: some from its fine-tuning data
 (which it should know by heart) and a few it never saw, each printed with the expected answer.
-summary.json holds each stage's wall time and key figure, and the exact-match rates of the answers.
+summary.json holds each stage's wall time (a skipped stage keeps the time of the run that did it) and
+key figure, and the exact-match rates of the answers.
 Finished stages are skipped when you run it again; an interrupted training run resumes from its
 last checkpoint (--resume=auto). Outputs go to --out (default: quickstart/).
 """
@@ -85,10 +86,17 @@ def gpu_count():
 
 
 class Stages:
-    """Wall time and key figures of each stage, written to summary.json at the end."""
+    """Wall time and key figures of each stage, in summary.json: rewritten after every stage, so an
+    interrupted run keeps what it measured. A stage skipped because its product is already there keeps
+    the `seconds` measured by the run that did its work (this run's check is `seconds_this_run`)."""
 
-    def __init__(self):
-        self.record, self._name, self._t0 = {}, None, None
+    def __init__(self, path, **header):
+        self.path, self.header, self.t_start = path, header, time.time()
+        self.record, self.extra, self._name, self._t0 = {}, {}, None, None
+        try:
+            self.earlier = read_json(path).get("stages", {}) if os.path.exists(path) else {}
+        except (OSError, ValueError, AttributeError):  # an unreadable summary: nothing to keep
+            self.earlier = {}
 
     def begin(self, n, name, title):
         self.end()
@@ -107,9 +115,22 @@ class Stages:
         self.record[self._name].update(figures)
 
     def end(self):
-        if self._name is not None:
-            self.record[self._name]["seconds"] = round(time.time() - self._t0, 1)
-            self._name = None
+        if self._name is None:
+            return
+        stage, seconds = self.record[self._name], round(time.time() - self._t0, 1)
+        if stage.get("skipped"):
+            stage["seconds_this_run"] = seconds
+            seconds = self.earlier.get(self._name, {}).get("seconds")  # None: measured by no run we know of
+        stage["seconds"] = seconds
+        self._name = None
+        self.write()
+
+    def write(self, **extra):
+        """summary.json as it stands: the stages so far, the pipeline's measured cost, this run's wall time."""
+        self.extra.update(extra)
+        measured = [s["seconds"] for s in self.record.values() if s.get("seconds") is not None]
+        write_summary(self.path, {**self.header, "total_seconds": round(time.time() - self.t_start, 1),
+                                  "pipeline_seconds": round(sum(measured), 1), "stages": self.record, **self.extra})
 
 
 def last_eval_loss(log_dir):
@@ -211,8 +232,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     nproc = args.nproc or gpu_count() or 2
     device = "auto"
-    t_start = time.time()
-    st = Stages()
+    st = Stages(f"{out}/summary.json", size=args.size, nproc=nproc)
     print(f"miniGPT quickstart ({args.size}): outputs in {out}; training on {nproc} process(es), "
           f"{'GPU' if gpu_count() else 'CPU'}")
 
@@ -323,9 +343,8 @@ def main(argv=None):
         show=f"python -c \"transformers.pipeline('text-generation', model='{hf_dir}') ...\"")
     st.end()
 
-    total = round(time.time() - t_start, 1)
-    write_summary(f"{out}/summary.json", {"size": args.size, "nproc": nproc, "total_seconds": total,
-                                          "stages": st.record, "answers": answers})
+    st.write(answers=answers)
+    total = time.time() - st.t_start
     print(f"\nquickstart finished in {total:.0f} s. Everything is in {out} (summary: {out}/summary.json); "
           f"TensorBoard: tensorboard --logdir {out}/runs")
 

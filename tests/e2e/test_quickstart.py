@@ -60,4 +60,8 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, repo):
     assert again.stdout.count("(skipped:") == 9
     assert "pretrain.py --model_type" not in again.stdout and "finetune_lora.py --pretrained" not in again.stdout
     assert "transformers pipeline: " in again.stdout
-    assert json.loads((out / "summary.json").read_text())["answers"] == answers  # greedy: the same answers
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["answers"] == answers  # greedy: the same answers
+    for name in ("corpora", "pretrain", "finetune_lora", "hf_export"):  # skipped: the first run's times are kept
+        assert rerun["stages"][name]["skipped"] and rerun["stages"][name]["seconds"] == stages[name]["seconds"]
+    assert rerun["pipeline_seconds"] >= stages["pretrain"]["seconds"] + stages["finetune_lora"]["seconds"]
