@@ -32,3 +32,70 @@ def test_links_lead_to_files_that_exist(repo):
         folder = os.path.dirname(os.path.join(repo, page))
         missing += [f"{page}: {t}" for t in targets if "://" not in t and not os.path.exists(os.path.join(folder, t))]
     assert missing == [], "links to files that do not exist"
+
+
+# ------------------------------------------------------------------- the Python snippets run
+
+def python_snippets(repo):
+    """[(page, first line, code)] of every ```python block in README.md and docs/*.md.
+
+    A block right after a line `<!-- snippet not run: why -->` is left out (say why there)."""
+    pages = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(repo, "docs")))
+                             if f.endswith(".md")]
+    snippets = []
+    for page in pages:
+        with open(os.path.join(repo, page), encoding="utf-8") as f:
+            text = f.read()
+        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.M | re.S):
+            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            if not before.startswith("<!-- snippet not run"):
+                snippets.append((page, text[:m.start()].count("\n") + 1, m.group(1)))
+    return snippets
+
+
+SNIPPETS = python_snippets(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, write_pretrain_data, write_finetune_data):
+    """A directory holding every path the snippets name, made the way a user would have made them."""
+    import torch
+
+    from models.gpt2 import GPT2Config, GPT2LMHeadModel
+    from utils.checkpoints.hf import export_to_hf
+    from utils.checkpoints.model import save_model
+    d = tmp_path_factory.mktemp("snippets")
+    write_pretrain_data(d / "data" / "pretrain", n_docs=300)
+    write_pretrain_data(d / "data" / "wiki", n_docs=300)
+    write_finetune_data(d / "data" / "finetune")
+    torch.manual_seed(0)
+    save_model(GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny")), d / "checkpoints" / "mini" / "final")
+    export_to_hf(str(d / "checkpoints" / "mini" / "final"), str(d / "hf" / "my-gpt2"))
+    return d
+
+
+def test_the_pages_have_python_snippets():
+    pages = {page for page, _, _ in SNIPPETS}
+    assert {"docs/model.md", "docs/data.md", "docs/generation.md"} <= pages
+    assert not any("from utils.generation import load_for_generation" in code for _, _, code in SNIPPETS)
+
+
+@pytest.mark.parametrize("page, line, code", SNIPPETS, ids=[f"{p}:{n}" for p, n, _ in SNIPPETS])
+def test_python_snippet_runs(repo, workdir, page, line, code):
+    """Each snippet as a user pastes it: a fresh interpreter, in a directory holding the paths it names."""
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, f"{page}:{line}\n{out.stderr[-3000:]}"
+
+
+def test_the_readme_virtualenv_is_ignored_by_git(repo):
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        venv = re.search(r"python3 -m venv (\S+)", f.read()).group(1)
+    try:
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{venv}/bin/python"], cwd=repo).returncode == 0
+    except OSError:
+        pytest.skip("no git")
+    if not os.path.isdir(os.path.join(repo, ".git")) and not os.path.isfile(os.path.join(repo, ".git")):
+        pytest.skip("not a git checkout")
+    assert ignored, f"{venv}/ (the README's virtualenv) is not in .gitignore"
