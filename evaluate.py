@@ -23,7 +23,7 @@ import torch
 
 from utils.cli import UsageError, log, parser
 from utils.errors import USER_ERRORS, user_message
-from utils.evaluation.run import default_limit_note, evaluate_tasks
+from utils.evaluation.run import default_limit_note, evaluate_tasks, find_val_bin
 from utils.evaluation.tasks import parse_tasks
 from utils.files import atomic_file, check_output_file
 from utils.training.distributed import distributed_run
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     if any(t == "val_loss" for t, _ in specs) and not args.val_data:
         raise UsageError("val_loss needs --val_data DIR: a dataset built by build_pretrain_datasets.py "
                          "(or its val.bin)")
+    if any(t == "val_loss" for t, _ in specs):
+        find_val_bin(args.val_data)  # missing, empty or cut short: said before the model is loaded
     return args, specs
 
 

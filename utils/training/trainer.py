@@ -123,7 +123,8 @@ def train(cfg, task: TrainTask, prog=None):
         # Before the model is built, so that a run that cannot start is refused at once: a ckpt_dir in use
         # or holding another run, an unreadable or foreign checkpoint, a log_dir with another run's logs.
         with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer, \
-                RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=bool(cfg.resume)) as run_log:
+                RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=checkpointer.resume_path is not None,
+                       resume_asked=bool(cfg.resume)) as run_log:
             return _train(cfg, task, info, checkpointer, run_log)
 
 
