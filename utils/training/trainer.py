@@ -122,10 +122,36 @@ def train(cfg, task: TrainTask, prog=None):
         cfg.max_seq_length = fit_seq_length(cfg.max_seq_length, task.model_config().block_size, data_limit)
         # Before the model is built, so that a run that cannot start is refused at once: a ckpt_dir in use
         # or holding another run, an unreadable or foreign checkpoint, a log_dir with another run's logs.
-        with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer, \
-                RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=checkpointer.resume_path is not None,
-                       resume_asked=bool(cfg.resume)) as run_log:
-            return _train(cfg, task, info, checkpointer, run_log)
+        with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer:
+            keep_global_batch(cfg, checkpointer.resume_state, info)
+            with RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=checkpointer.resume_path is not None,
+                        resume_asked=bool(cfg.resume)) as run_log:
+                return _train(cfg, task, info, checkpointer, run_log)
+
+
+def keep_global_batch(cfg, state, info):
+    """A run resumed at another world size keeps the global batch it was saved with (the LR schedule and the
+    data order were made for it): gradient_accum_steps is recomputed when micro_batch_size x world size
+    divides it, else the resume is refused. An explicit --global_batch_size is a deliberate change: kept."""
+    saved = (state or {}).get("config", {})
+    if not state or state["world_size"] == info.world_size or cfg.global_batch_size or not saved:
+        return
+    then = saved["micro_batch_size"] * saved["gradient_accum_steps"] * state["world_size"]
+    per_step = cfg.micro_batch_size * info.world_size
+    was = (f"the checkpoint was saved at world size {state['world_size']} with a global batch of {then} sequences "
+           f"({saved['micro_batch_size']} x {saved['gradient_accum_steps']} accumulation x {state['world_size']})")
+    deliberately = "or set --global_batch_size to change the global batch deliberately"
+    if then % info.world_size:
+        raise TrainingError(f"{was}; {then} is not a multiple of world size {info.world_size}, so no batch layout "
+                            f"keeps it: resume at a world size that divides it, {deliberately}")
+    if then % per_step:
+        raise TrainingError(f"{was}; at world size {info.world_size} each rank needs {then // info.world_size} "
+                            f"sequences a step, which --micro_batch_size={cfg.micro_batch_size} does not divide: "
+                            f"choose a --micro_batch_size that does, {deliberately}")
+    if cfg.gradient_accum_steps != then // per_step:
+        _print(info, f"note: {was}; keeping it at world size {info.world_size}: gradient_accum_steps "
+                     f"{cfg.gradient_accum_steps} -> {then // per_step}")
+        cfg.gradient_accum_steps = then // per_step
 
 
 def _train(cfg, task, info, checkpointer, run_log):
@@ -217,7 +243,7 @@ def build_model(cfg, task, info, restoring=False):
     restoring: a checkpoint will overwrite every weight (DCP refuses one that lacks any), so no rank
     builds them: the shards are only allocated.
     """
-    bf16, why = choose_bf16(cfg.mixed_precision, info.device, "--mixed_precision")
+    bf16, why = decide_precision(cfg.mixed_precision, info)
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
     torch.manual_seed(cfg.seed)
     alone = info.world_size == 1 and not restoring
@@ -230,6 +256,15 @@ def build_model(cfg, task, info, restoring=False):
         del with_weights
         materialize(model, info, cfg.cpu_offload, full_state)
     return model, build_optimizer(model, cfg, info.device), bf16
+
+
+def decide_precision(setting, info):
+    """(bf16?, why) chosen by rank 0 and sent to every rank: with "auto" each rank would time its own matmuls,
+    and ranks that disagreed (cores that differ, a busy neighbour) would shard with different policies."""
+    choice = [choose_bf16(setting, info.device, "--mixed_precision") if info.is_main else None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def save_final(model, task, cfg, info):
