@@ -32,7 +32,7 @@ from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
-from utils.training.parallelize import gradient_bytes, local_bytes, materialize, parallelize
+from utils.training.parallelize import gradient_bytes, local_bytes, materialize, offloads, parallelize
 
 
 class TrainingError(UserError, RuntimeError):
@@ -245,6 +245,9 @@ def build_model(cfg, task, info, restoring=False):
     """
     bf16, why = decide_precision(cfg.mixed_precision, info)
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
+    if cfg.defer_grad_sync == "auto" and defers_grad_sync(cfg, info):
+        _print(info, "note: cpu_offload with gradient accumulation: gradients are reduce-scattered at the last "
+                     "micro-step only (--defer_grad_sync=auto); --defer_grad_sync=false holds less on the GPU")
     torch.manual_seed(cfg.seed)
     alone = info.world_size == 1 and not restoring
     with_weights = task.build_model("cpu") if info.is_main and not restoring else None
@@ -287,6 +290,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     A stop, agreed by all ranks before each micro-step, drops the window: data position, RNG and
     gradients go back to where the step began, so a resume replays it exactly.
     """
+    defer = defers_grad_sync(cfg, info)
     data_state, rng_state = loader.state_dict(), _rng_state(info.device)
     batches = [loader.next_batch() for _ in range(cfg.gradient_accum_steps)]
     # One collective (CPU/gloo: no device sync) for the window's token counts and any rank's stop request.
@@ -302,7 +306,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
             loader.load_state_dict(data_state)
             _set_rng_state(rng_state, info.device)
             return None
-        model.set_requires_gradient_sync(i == len(batches) - 1 or not cfg.defer_grad_sync)
+        model.set_requires_gradient_sync(i == len(batches) - 1 or not defer)
         _, loss = model(x, targets=y, reduction="sum", return_logits=False)
         # FSDP averages gradients over ranks: scale by world size to make that average a sum.
         (loss * (info.world_size / max(n_targets, 1))).backward()
@@ -315,8 +319,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # The step's one device->host read: what the divergence check and the log need.
-    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+    loss_sum, grad_norm = to_host(loss_sum, grad_norm)  # the loss on the device, the norm on the CPU if offloaded
     train_loss = loss_sum / max(n_targets, 1)
     # A finite loss can still come with an inf/nan gradient: that step would poison the weights and every
     # checkpoint after it. Stop before the optimizer step, with the last good checkpoint untouched.
@@ -332,6 +335,24 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     optimizer.zero_grad(set_to_none=True)
     return {"loss": train_loss, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_targets,
             "grad_bytes": grad_bytes}
+
+
+def to_host(*scalars):
+    """The step's one device->host read, in one place: 0-d tensors wherever they live (a CUDA loss, the CPU norm
+    of offloaded gradients) -> Python floats, with a single sync. They are gathered on the first one's device
+    first, as torch's clip_grad_norm_ does with per-device norms: stacking tensors of two devices fails."""
+    device = scalars[0].device
+    return torch.stack([s.detach().to(device=device, dtype=torch.float64) for s in scalars]).tolist()
+
+
+def defers_grad_sync(cfg, info):
+    """--defer_grad_sync; auto = with offloaded gradients (cpu_offload on CUDA) and accumulation. There FSDP2 adds
+    each micro-step's reduce-scattered gradient to the CPU copy inside backward: a blocking device-to-host copy
+    and a CPU add per parameter, every micro-step after the first (_fsdp_collectives.foreach_reduce). Deferred,
+    one non-blocking copy per step remains, at the cost of full gradients on the GPU while accumulating."""
+    if cfg.defer_grad_sync == "auto":
+        return offloads(cfg.cpu_offload, info) and cfg.gradient_accum_steps > 1
+    return bool(cfg.defer_grad_sync)
 
 
 @torch.no_grad()
