@@ -53,7 +53,30 @@ def check_pretrain_dir(data_dir, split="train"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretraining data {path} not found: {not_built_hint(data_dir, 'pretrain')}")
+    check_token_file(path, meta_tokens(data_dir, split))
     return path
+
+
+def check_token_file(path, expected_tokens=None):
+    """Raise unless `path` is whole: a number of uint16 tokens, as many as meta.json records (when it does).
+    A copy cut short would otherwise fail deep inside numpy, or train on part of the data unnoticed."""
+    size = os.path.getsize(path)
+    if size % 2:
+        raise DatasetError(f"{path} is {size} bytes, not a whole number of uint16 tokens (cut short?); rebuild it "
+                           "with build_pretrain_datasets.py or copy it again")
+    if expected_tokens is not None and size // 2 != expected_tokens:
+        raise DatasetError(f"{path} holds {size // 2} tokens, but its meta.json records {expected_tokens} (cut short "
+                           "or replaced?); rebuild it with build_pretrain_datasets.py or copy it again")
+
+
+def meta_tokens(data_dir, split):
+    """The token count meta.json records for a split (build_pretrain_datasets.py writes it), or None."""
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            tokens = json.load(f)["splits"][split]["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tokens if isinstance(tokens, int) else None
 
 
 def _check_layout(micro_batch_size, grad_accum_steps, rank, world_size, seed):

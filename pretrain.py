@@ -22,7 +22,8 @@ def main(argv=None):
 
     def check_data():
         for data_dir, _ in cfg.sources():
-            check_pretrain_dir(data_dir)
+            for split in ("train", "val"):  # before anything is created: a cut-short file is refused at once
+                check_pretrain_dir(data_dir, split)
 
     def make_loader(split, info):
         return PretrainLoader(cfg.sources(), split, cfg.max_seq_length, cfg.micro_batch_size,

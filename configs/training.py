@@ -62,8 +62,10 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     compile_model: bool = False          # torch.compile each transformer block
     cpu_offload: bool = False            # FSDP2 parameter/gradient offload to CPU (CUDA only)
-    defer_grad_sync: bool = False        # reduce-scatter gradients on the last micro-step only: less communication, but
-                                         # every rank holds full unsharded fp32 gradients while accumulating
+    defer_grad_sync: bool | str = "auto"  # reduce-scatter gradients on the last micro-step only: less communication,
+                                         # but every rank holds full unsharded fp32 gradients while accumulating;
+                                         # auto = only with cpu_offload on CUDA (there each micro-step's sync is a
+                                         # blocking copy to the host and a CPU add inside backward)
     cpu_threads: int = 0                 # CPU runs: threads per process; 0 = the process's share of the cores
 
     seed: int = 1337
@@ -99,6 +101,8 @@ class TrainingConfig:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
         if self.mixed_precision not in (True, False, "auto"):
             raise ConfigError(f"--mixed_precision must be auto, true or false, got {self.mixed_precision!r}")
+        if self.defer_grad_sync not in (True, False, "auto"):
+            raise ConfigError(f"--defer_grad_sync must be auto, true or false, got {self.defer_grad_sync!r}")
         if self.eval_tasks:
             from utils.errors import UserError
             from utils.evaluation.tasks import DOWNSTREAM, parse_tasks

@@ -20,7 +20,26 @@ def test_peak_measurement_is_quick_and_leaves_every_rng_alone():
     assert time.perf_counter() - t0 < 3  # "well under a second" on an idle core; generous for a busy CI machine
     assert torch.equal(torch.get_rng_state(), before)
     assert 1e8 < flops < 1e13
-    assert peak_flops("cpu") == peak_flops("cpu")  # cached per process
+
+
+def test_the_peak_is_measured_once_per_device_and_dtype(monkeypatch):
+    """Issue 20 item 12 (it was `peak_flops("cpu") == peak_flops("cpu")`, true with or without a cache): count the
+    measurements behind the cache; a second dtype is measured apart, never served the first one's peak."""
+    import utils.hardware as hardware
+    calls = []
+
+    def fake_measure(dtype, device, max_n=4096):
+        calls.append((dtype, device))
+        return 1e9 * len(calls)
+
+    monkeypatch.setattr(hardware, "measure_matmul_flops", fake_measure)
+    hardware._cached_peak.cache_clear()
+    try:
+        fp32, again, bf16 = peak_flops("cpu"), peak_flops(torch.device("cpu")), peak_flops("cpu", torch.bfloat16)
+    finally:
+        hardware._cached_peak.cache_clear()  # other tests measure for real
+    assert calls == [(torch.float32, "cpu"), (torch.bfloat16, "cpu")]
+    assert (fp32, again, bf16) == (1e9, 1e9, 2e9)
 
 
 def test_forced_settings_are_kept_and_auto_follows_the_measurement(monkeypatch):

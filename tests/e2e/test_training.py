@@ -93,6 +93,25 @@ def test_one_rank_with_accumulation_equals_two_ranks(tmp, baseline, run_script, 
             assert 0.45 * mem1[kind][0] <= per_rank <= 0.55 * mem1[kind][0], (kind, mem1, mem2)
 
 
+def test_resume_at_another_world_size_keeps_the_global_batch(tmp, baseline, run_script, losses, capsys):
+    """Issue 20 item 13: saved by 2 ranks x 4, resumed by 1 rank: 2 accumulation steps keep the global batch of 8,
+    and steps 5-8 equal the uninterrupted 2-rank run's; a micro-batch that cannot keep it is refused."""
+    import pretrain
+    run_script("pretrain.py", *pretrain_args(tmp, "rescaled", max_train_iters=4), nproc=2)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(pretrain_args(tmp, "rescaled", micro_batch_size=3, resume="auto"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("the checkpoint was saved at world size 2 with a global batch of 8 sequences (4 x 1 accumulation x 2); "
+            "at world size 1 each rank needs 8 sequences a step, which --micro_batch_size=3 does not divide") in err
+    out = run_script("pretrain.py", *pretrain_args(tmp, "rescaled", resume="auto"))
+    assert "keeping it at world size 1: gradient_accum_steps 1 -> 2" in out.stdout
+    assert "global batch 8 x 32" in out.stdout
+    resumed, straight = losses(tmp / "rescaled"), losses(baseline[0])
+    for step in range(5, 9):
+        assert abs(resumed[step] - straight[step]) <= 1e-4, (step, resumed[step], straight[step])
+
+
 def test_sigterm_saves_then_resume_matches_uninterrupted(tmp, baseline, run_script, repo, losses):
     """SIGTERM mid-run saves a checkpoint; resuming at 2 ranks and at 1 rank gives the same losses."""
     args = pretrain_args(tmp, "stopped", ckpt_interval=0)

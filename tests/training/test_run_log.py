@@ -67,3 +67,21 @@ def test_fresh_run_into_a_used_log_dir_is_refused(tmp_path, capsys, write_pretra
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--log_dir={tmp_path / 'first' / 'runs'} already holds the logs of a run (metrics.jsonl)" in err
     assert (tmp_path / "first" / "runs" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_auto_that_finds_no_checkpoint_refuses_a_used_log_dir(tmp_path, capsys, write_pretrain_data,
+                                                                     snapshot):
+    """Issue 20 item 1: "auto, nothing found" is a fresh start; it used to purge the earlier run's log."""
+    write_pretrain_data(tmp_path / "data", n_docs=400)
+    pretrain.main(args(tmp_path, "first", max_train_iters=3))
+    logs = tmp_path / "first" / "runs"
+    before = snapshot(logs)
+    assert len(records(tmp_path / "first")) == 3 + 2  # 3 steps, evaluations at steps 2 and 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(args(tmp_path, "first", max_train_iters=3, ckpt_dir=tmp_path / "empty_ckpt", resume="auto"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--log_dir={logs} already holds the logs of a run (metrics.jsonl); --resume=auto found no checkpoint" in err
+    assert snapshot(logs) == before  # metrics.jsonl and the TensorBoard events, byte for byte
+    assert not (tmp_path / "empty_ckpt").exists()  # a refused run leaves nothing behind

@@ -164,9 +164,11 @@ class DirLock:
     def __init__(self, directory):
         self.path = os.path.join(directory, LOCK_FILE)
         self.fd = None
+        self.created = False  # the directory did not exist: a run that saves nothing removes it again
 
     def acquire(self):
         """Take the lock; return the holder recorded by a run that died holding it ("" if none)."""
+        self.created = not os.path.isdir(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
@@ -192,7 +194,13 @@ class DirLock:
 
     def release(self):
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # empty = free; the file stays so that no two runs lock different files
+            directory = os.path.dirname(self.path)
+            if self.created and os.listdir(directory) == [LOCK_FILE]:
+                # A run refused (or failed) before its first checkpoint leaves no empty ckpt_dir behind.
+                os.unlink(self.path)
+                os.rmdir(directory)
+            else:
+                os.ftruncate(self.fd, 0)  # empty = free; the file stays so that no two runs lock different files
             os.close(self.fd)
             self.fd = None
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from custom_dataset import check_token_file, meta_tokens
 from utils.errors import UserError
 from utils.evaluation.data import SIZES, load_docs
 from utils.evaluation.scoring import score_requests
@@ -116,8 +117,10 @@ def find_val_bin(path):
     p = os.path.join(path, "val.bin") if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise UserError(f"--val_data {path}: no val.bin there; build one with build_pretrain_datasets.py")
-    if os.path.getsize(p) % 2:
-        raise UserError(f"{p}: odd size; not a uint16 token file written by build_pretrain_datasets.py")
+    check_token_file(p, meta_tokens(os.path.dirname(p), "val") if os.path.basename(p) == "val.bin" else None)
+    if os.path.getsize(p) == 0:
+        raise UserError(f"{p} is empty (built with --val_fraction 0?); rebuild the dataset with a --val_fraction "
+                        "above 0, or pass another --val_data")
     return p
 
 

@@ -44,14 +44,18 @@ class RunLog:
     A fresh run into a log_dir that already holds a run's records is refused, like a used ckpt_dir.
     """
 
-    def __init__(self, log_dir, info, start_step: int, resuming: bool):
+    def __init__(self, log_dir, info, start_step: int, resuming: bool, resume_asked: bool = False):
+        """resuming: a checkpoint was found to resume from. resume_asked: --resume=auto was given but found
+        none, so this run starts fresh: an existing log is refused as without --resume."""
         self.log_dir, self.info, self.start_step = log_dir, info, start_step
         self.path = os.path.join(log_dir, METRICS_FILE)
         self._file = self._writer = None
         self._purge = start_step + 1 if resuming else None
         if not resuming and _records(self.path):
-            raise UserError(f"--log_dir={log_dir} already holds the logs of a run ({METRICS_FILE}); choose another "
-                            "--log_dir, or --resume=auto to continue that run")
+            hint = ("--resume=auto found no checkpoint to continue that run from: choose another --log_dir, or "
+                    "the --ckpt_dir that run saved to" if resume_asked else
+                    "choose another --log_dir, or --resume=auto to continue that run")
+            raise UserError(f"--log_dir={log_dir} already holds the logs of a run ({METRICS_FILE}); {hint}")
         if resuming and info.is_main:
             self._truncate()
 

@@ -32,7 +32,7 @@ from utils.hardware import choose_bf16, peak_flops
 from utils.training.distributed import DistInfo, all_reduce_sum, distributed_run
 from utils.training.metrics import RunLog, mfu, model_flops_per_token
 from utils.training.optim import build_optimizer, lr_at
-from utils.training.parallelize import gradient_bytes, local_bytes, materialize, parallelize
+from utils.training.parallelize import gradient_bytes, local_bytes, materialize, offloads, parallelize
 
 
 class TrainingError(UserError, RuntimeError):
@@ -122,9 +122,36 @@ def train(cfg, task: TrainTask, prog=None):
         cfg.max_seq_length = fit_seq_length(cfg.max_seq_length, task.model_config().block_size, data_limit)
         # Before the model is built, so that a run that cannot start is refused at once: a ckpt_dir in use
         # or holding another run, an unreadable or foreign checkpoint, a log_dir with another run's logs.
-        with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer, \
-                RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=bool(cfg.resume)) as run_log:
-            return _train(cfg, task, info, checkpointer, run_log)
+        with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer:
+            keep_global_batch(cfg, checkpointer.resume_state, info)
+            with RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=checkpointer.resume_path is not None,
+                        resume_asked=bool(cfg.resume)) as run_log:
+                return _train(cfg, task, info, checkpointer, run_log)
+
+
+def keep_global_batch(cfg, state, info):
+    """A run resumed at another world size keeps the global batch it was saved with (the LR schedule and the
+    data order were made for it): gradient_accum_steps is recomputed when micro_batch_size x world size
+    divides it, else the resume is refused. An explicit --global_batch_size is a deliberate change: kept."""
+    saved = (state or {}).get("config", {})
+    if not state or state["world_size"] == info.world_size or cfg.global_batch_size or not saved:
+        return
+    then = saved["micro_batch_size"] * saved["gradient_accum_steps"] * state["world_size"]
+    per_step = cfg.micro_batch_size * info.world_size
+    was = (f"the checkpoint was saved at world size {state['world_size']} with a global batch of {then} sequences "
+           f"({saved['micro_batch_size']} x {saved['gradient_accum_steps']} accumulation x {state['world_size']})")
+    deliberately = "or set --global_batch_size to change the global batch deliberately"
+    if then % info.world_size:
+        raise TrainingError(f"{was}; {then} is not a multiple of world size {info.world_size}, so no batch layout "
+                            f"keeps it: resume at a world size that divides it, {deliberately}")
+    if then % per_step:
+        raise TrainingError(f"{was}; at world size {info.world_size} each rank needs {then // info.world_size} "
+                            f"sequences a step, which --micro_batch_size={cfg.micro_batch_size} does not divide: "
+                            f"choose a --micro_batch_size that does, {deliberately}")
+    if cfg.gradient_accum_steps != then // per_step:
+        _print(info, f"note: {was}; keeping it at world size {info.world_size}: gradient_accum_steps "
+                     f"{cfg.gradient_accum_steps} -> {then // per_step}")
+        cfg.gradient_accum_steps = then // per_step
 
 
 def _train(cfg, task, info, checkpointer, run_log):
@@ -217,8 +244,11 @@ def build_model(cfg, task, info, restoring=False):
     restoring: a checkpoint will overwrite every weight (DCP refuses one that lacks any), so no rank
     builds them: the shards are only allocated.
     """
-    bf16, why = choose_bf16(cfg.mixed_precision, info.device, "--mixed_precision")
+    bf16, why = decide_precision(cfg.mixed_precision, info)
     _print(info, f"precision: {'bf16 compute, fp32 master weights' if bf16 else 'fp32'} ({why})")
+    if cfg.defer_grad_sync == "auto" and defers_grad_sync(cfg, info):
+        _print(info, "note: cpu_offload with gradient accumulation: gradients are reduce-scattered at the last "
+                     "micro-step only (--defer_grad_sync=auto); --defer_grad_sync=false holds less on the GPU")
     torch.manual_seed(cfg.seed)
     alone = info.world_size == 1 and not restoring
     with_weights = task.build_model("cpu") if info.is_main and not restoring else None
@@ -230,6 +260,15 @@ def build_model(cfg, task, info, restoring=False):
         del with_weights
         materialize(model, info, cfg.cpu_offload, full_state)
     return model, build_optimizer(model, cfg, info.device), bf16
+
+
+def decide_precision(setting, info):
+    """(bf16?, why) chosen by rank 0 and sent to every rank: with "auto" each rank would time its own matmuls,
+    and ranks that disagreed (cores that differ, a busy neighbour) would shard with different policies."""
+    choice = [choose_bf16(setting, info.device, "--mixed_precision") if info.is_main else None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def save_final(model, task, cfg, info):
@@ -252,6 +291,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     A stop, agreed by all ranks before each micro-step, drops the window: data position, RNG and
     gradients go back to where the step began, so a resume replays it exactly.
     """
+    defer = defers_grad_sync(cfg, info)
     data_state, rng_state = loader.state_dict(), _rng_state(info.device)
     batches = [loader.next_batch() for _ in range(cfg.gradient_accum_steps)]
     # One collective (CPU/gloo: no device sync) for the window's token counts and any rank's stop request.
@@ -267,7 +307,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
             loader.load_state_dict(data_state)
             _set_rng_state(rng_state, info.device)
             return None
-        model.set_requires_gradient_sync(i == len(batches) - 1 or not cfg.defer_grad_sync)
+        model.set_requires_gradient_sync(i == len(batches) - 1 or not defer)
         _, loss = model(x, targets=y, reduction="sum", return_logits=False)
         # FSDP averages gradients over ranks: scale by world size to make that average a sum.
         (loss * (info.world_size / max(n_targets, 1))).backward()
@@ -280,8 +320,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # The step's one device->host read: what the divergence check and the log need.
-    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+    loss_sum, grad_norm = to_host(loss_sum, grad_norm)  # the loss on the device, the norm on the CPU if offloaded
     train_loss = loss_sum / max(n_targets, 1)
     # A finite loss can still come with an inf/nan gradient: that step would poison the weights and every
     # checkpoint after it. Stop before the optimizer step, with the last good checkpoint untouched.
@@ -297,6 +336,24 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     optimizer.zero_grad(set_to_none=True)
     return {"loss": train_loss, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_targets,
             "grad_bytes": grad_bytes}
+
+
+def to_host(*scalars):
+    """The step's one device->host read, in one place: 0-d tensors wherever they live (a CUDA loss, the CPU norm
+    of offloaded gradients) -> Python floats, with a single sync. They are gathered on the first one's device
+    first, as torch's clip_grad_norm_ does with per-device norms: stacking tensors of two devices fails."""
+    device = scalars[0].device
+    return torch.stack([s.detach().to(device=device, dtype=torch.float64) for s in scalars]).tolist()
+
+
+def defers_grad_sync(cfg, info):
+    """--defer_grad_sync; auto = with offloaded gradients (cpu_offload on CUDA) and accumulation. There FSDP2 adds
+    each micro-step's reduce-scattered gradient to the CPU copy inside backward: a blocking device-to-host copy
+    and a CPU add per parameter, every micro-step after the first (_fsdp_collectives.foreach_reduce). Deferred,
+    one non-blocking copy per step remains, at the cost of full gradients on the GPU while accumulating."""
+    if cfg.defer_grad_sync == "auto":
+        return offloads(cfg.cpu_offload, info) and cfg.gradient_accum_steps > 1
+    return bool(cfg.defer_grad_sync)
 
 
 @torch.no_grad()
