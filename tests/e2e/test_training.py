@@ -238,6 +238,26 @@ def test_packed_eval_loss_equals_unpacked_on_the_same_checkpoint(tmp, baseline, 
     assert padding["true"] < padding["false"]
 
 
+def test_doc_mask_pretraining_first_loss_is_each_document_alone(tmp, run_script, losses):
+    """pretrain.py --doc_mask=true: step 1's loss equals the loss of every document piece of the batch run alone
+    through the freshly initialised model (the same seed builds the same weights)."""
+    run_script("pretrain.py", *pretrain_args(tmp, "docmask", doc_mask="true", max_train_iters=1, eval_interval=0))
+    from custom_dataset import PretrainLoader
+    from models.gpt2 import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1337)
+    model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny", pad_vocab_multiple=64)).eval()
+    x, y, doc_ids = PretrainLoader([tmp / "data"], "train", 32, 4, seed=1337, doc_mask=True).next_batch()
+    total, pieces = 0.0, 0
+    with torch.no_grad():
+        for b in range(4):
+            for d in doc_ids[b].unique().tolist():
+                keep = doc_ids[b] == d
+                _, loss = model(x[b][keep][None], targets=y[b][keep][None], reduction="sum")
+                total, pieces = total + loss.item(), pieces + 1
+    assert pieces > 4  # windows crossing document boundaries
+    assert abs(losses(tmp / "docmask")[1] - total / y.numel()) <= 1e-5
+
+
 def test_user_errors_are_one_line(tmp, baseline, capsys):
     import finetune
     import pretrain
