@@ -47,8 +47,12 @@ _flex = {}  # compiled once per process: flex_attention is only fast compiled (e
 
 
 def _compiled_flex():
+    """(flex_attention, create_block_mask), compiled; as they are inside a block that torch.compile is tracing
+    (--compile_model=true), where the surrounding graph compiles them."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if torch.compiler.is_compiling():
+        return flex_attention, create_block_mask
     if "attention" not in _flex:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         _flex["attention"] = torch.compile(flex_attention, dynamic=False)
         # Compiled, create_block_mask never materialises the (B, T, T) mask either.
         _flex["block_mask"] = torch.compile(create_block_mask, dynamic=False)
