@@ -45,7 +45,7 @@ def build_corpora(work, which):
         script("prepare_data_pretrain.py", "--input", os.path.join(raw, "pretrain"), "--output",
                os.path.join(work, "books_clean"))
         script("build_pretrain_datasets.py", "--input", os.path.join(work, "books_clean"), "--output",
-               os.path.join(work, "books"))
+               os.path.join(work, "books"), "--val_fraction", 0.1)
         out["books"] = os.path.join(work, "books")
     if "dialogues" in which:
         prepared = os.path.join(work, "chat_prepared")
