@@ -20,7 +20,14 @@ Fine-tuning: examples are permuted per epoch with (seed, epoch); the stream runs
 (epoch = global position // number of examples). `finetune_collate` right-pads with EOT and puts
 -100 in the labels wherever the target is a prompt token or padding. No attention mask: with
 right padding and causal attention, padding never affects a real token.
+
+Packed fine-tuning (pack=True): a sample is a row of max_seq_length tokens holding several examples
+side by side, planned per epoch by best-fit decreasing over that epoch's permutation (`plan_rows`);
+the rows, not the examples, then follow the global order above, so packing too is the same at every
+world size and resumes mid-epoch from the position alone. A packed batch carries `doc_ids`, and the
+model keeps each example's attention and positions to itself (models/attention.py).
 """
+import bisect
 import json
 import math
 import os
@@ -41,7 +48,7 @@ class DatasetError(UserError, ValueError):
 
 CHOICE_CHUNK = 4096
 # Domain tags: the source choices and each source's permutations come from unrelated RNG streams.
-_CHOICE_STREAM, _WINDOW_STREAM, _EXAMPLE_STREAM = 1, 2, 3
+_CHOICE_STREAM, _WINDOW_STREAM, _EXAMPLE_STREAM, _ROW_STREAM = 1, 2, 3, 4
 
 
 class EmptySplitError(DatasetError):
@@ -119,7 +126,7 @@ class PretrainLoader(_GlobalOrder):
     """Batches of (x, y) windows from one or more build_pretrain_datasets.py outputs, mixed by weight."""
 
     def __init__(self, sources, split, block_size, micro_batch_size, grad_accum_steps=1,
-                 rank=0, world_size=1, seed=0):
+                 rank=0, world_size=1, seed=0, doc_mask=False):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not isinstance(block_size, (int, np.integer)) or block_size < 1:
@@ -128,7 +135,7 @@ class PretrainLoader(_GlobalOrder):
         if not sources:
             raise ValueError("no pretraining sources given: pass [(data_dir, weight), ...]")
         self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
-        self.split, self.block_size = split, int(block_size)
+        self.split, self.block_size, self.doc_mask = split, int(block_size), bool(doc_mask)
         self.data_dirs = [str(d) for d, _ in sources]
         weights = np.array([float(w) for _, w in sources])
         if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
@@ -214,7 +221,8 @@ class PretrainLoader(_GlobalOrder):
         return self._step
 
     def next_batch(self):
-        """(x, y): int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
+        """(x, y): int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one.
+        With doc_mask: (x, y, doc_ids), a new document starting at every <|endoftext|> of x (see `eot_doc_ids`)."""
         src, j = self._step_plan()
         off, T = self._my_offset(), self.block_size
         rows = []
@@ -226,7 +234,8 @@ class PretrainLoader(_GlobalOrder):
             counts = np.bincount(src, minlength=len(self._data))
             self.source_counts = [c + int(n) for c, n in zip(self.source_counts, counts)]
             self._step = None
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        return (x, y, eot_doc_ids(x)) if self.doc_mask else (x, y)
 
     def state_dict(self) -> dict:
         """Plain ints and lists, the same on every rank and for any world size (taken between steps)."""
@@ -246,6 +255,15 @@ class PretrainLoader(_GlobalOrder):
         self._step = None
 
 
+def eot_doc_ids(x, eot=EOT_TOKEN):
+    """(B, T) document ids of pretraining windows: <|endoftext|> opens the next document. So the EOT that ends
+    a document is the first token of the next one, from which the model predicts a document's first token
+    with nothing before it (as unconditional sampling from <|endoftext|> does); a document's last token
+    still predicts the EOT, from its own document. A window's first tokens (the tail of a document begun
+    in an earlier window) are document 0."""
+    return (x == eot).long().cumsum(dim=1)
+
+
 class FinetuneBatch(NamedTuple):
     """(input_ids, labels), both (B, T) int64; unpacks as a pair."""
     input_ids: torch.Tensor
@@ -254,6 +272,19 @@ class FinetuneBatch(NamedTuple):
     @property
     def num_targets(self) -> int:
         """Tokens that carry a loss (labels != -100): what the loss is normalised by."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class PackedBatch(NamedTuple):
+    """(input_ids, labels, doc_ids), all (B, T) int64: rows of several examples, each its own document;
+    the row's padding is one more document. The model is trained as model(input_ids, targets=labels,
+    doc_ids=doc_ids)."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+
+    @property
+    def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
@@ -277,23 +308,98 @@ def finetune_collate(examples, pad_id=EOT_TOKEN, max_seq_length=None) -> Finetun
     """
     if max_seq_length is not None and max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
-    rows = []
-    for ex in examples:
-        if isinstance(ex, dict):
-            ex = (ex["prompt_ids"], ex["completion_ids"])
-        p, c = (np.asarray(x, dtype=np.int64) for x in ex)
-        p, c = _truncate(p, c, max_seq_length)
-        rows.append((np.concatenate([p, c]), len(p)))
-    T = max(max(len(seq) - 1, 1) for seq, _ in rows)
+    rows = [_example_tokens(ex, max_seq_length) for ex in examples]
+    T = max(max(len(x), 1) for x, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for b, (seq, n_prompt) in enumerate(rows):
-        seq = torch.from_numpy(seq)
-        n = len(seq) - 1
-        input_ids[b, :n] = seq[:-1]
-        first = max(n_prompt - 1, 0)  # input position whose target is the first completion token
-        labels[b, first:n] = seq[first + 1:]
+    for b, (x, y) in enumerate(rows):
+        input_ids[b, :len(x)], labels[b, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
     return FinetuneBatch(input_ids, labels)
+
+
+def _example_tokens(ex, max_seq_length):
+    """(input ids, labels) of one example, n tokens each (n = len(prompt + completion) - 1 after truncation):
+    input = seq[:-1], label[t] = seq[t + 1] where that is a completion token, else -100."""
+    if isinstance(ex, dict):
+        ex = (ex["prompt_ids"], ex["completion_ids"])
+    p, c = (np.asarray(x, dtype=np.int64) for x in ex)
+    p, c = _truncate(p, c, max_seq_length)
+    seq = np.concatenate([p, c])
+    n = len(seq) - 1
+    labels = np.full(max(n, 0), IGNORE_INDEX, dtype=np.int64)
+    first = max(len(p) - 1, 0)  # input position whose target is the first completion token
+    labels[first:n] = seq[first + 1:]
+    return seq[:-1], labels
+
+
+def packed_collate(rows, row_length, pad_id=EOT_TOKEN, max_seq_length=None) -> PackedBatch:
+    """Rows of examples side by side -> PackedBatch of shape (len(rows), row_length).
+
+    rows: one list of (prompt_ids, completion_ids) pairs per row. Each example is tokenised exactly as
+    `finetune_collate` does it (same truncation, same labels) and numbered 0, 1, ... in its row; the
+    padding after the last one is `pad_id` with label -100 and a document of its own.
+    """
+    input_ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), row_length), IGNORE_INDEX, dtype=torch.long)
+    doc_ids = torch.zeros((len(rows), row_length), dtype=torch.long)
+    for b, examples in enumerate(rows):
+        s = 0
+        for d, ex in enumerate(examples):
+            x, y = _example_tokens(ex, max_seq_length)
+            if s + len(x) > row_length:
+                raise ValueError(f"row {b} holds {s + len(x)} tokens, more than row_length {row_length}")
+            input_ids[b, s:s + len(x)], labels[b, s:s + len(x)] = torch.from_numpy(x), torch.from_numpy(y)
+            doc_ids[b, s:s + len(x)] = d
+            s += len(x)
+        doc_ids[b, s:] = len(examples)
+    return PackedBatch(input_ids, labels, doc_ids)
+
+
+def best_fit_decreasing(sizes, capacity) -> list:
+    """Bins of item indices, each bin's sizes summing to at most `capacity` (every size must fit one).
+
+    Items in decreasing size (ties: in the order given), each into the open bin it fills best (the least
+    room left that still fits), else a new bin: O(n log capacity), deterministic. The bin count depends only
+    on the sizes, so every epoch's permutation of the same examples packs into as many rows."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) and (sizes.max() > capacity or sizes.min() < 0):
+        raise ValueError(f"item sizes must lie in [0, {capacity}], got {sizes.min()}..{sizes.max()}")
+    bins = []
+    rooms = []     # sorted distinct rooms that some open bin has left
+    by_room = {}   # room -> open bins with exactly that room (a stack: deterministic)
+    for i in np.argsort(-sizes, kind="stable").tolist():
+        size = int(sizes[i])
+        j = bisect.bisect_left(rooms, size)
+        if j < len(rooms):  # the tightest bin that still fits
+            room = rooms[j]
+            b = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(j)
+        else:
+            b, room = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        room -= size
+        if room > 0:
+            if room not in by_room:
+                bisect.insort(rooms, room)
+                by_room[room] = []
+            by_room[room].append(b)
+    return bins
+
+
+def plan_rows(lengths, capacity, seed, epoch, shuffle=True) -> list:
+    """One epoch's packed rows (lists of example indices): best-fit decreasing over the epoch's permutation
+    of the examples (ties of equal length fall in permutation order), then the rows themselves shuffled.
+    A pure function of (lengths, capacity, seed, epoch): every rank plans the same rows, cheaply (one sort
+    and one pass over the lengths per epoch)."""
+    n = len(lengths)
+    order = np.random.default_rng((seed, _EXAMPLE_STREAM, epoch)).permutation(n) if shuffle else np.arange(n)
+    rows = [[int(order[i]) for i in row] for row in best_fit_decreasing(np.asarray(lengths)[order], capacity)]
+    if shuffle:
+        rows = [rows[i] for i in np.random.default_rng((seed, _ROW_STREAM, epoch)).permutation(len(rows))]
+    return rows
 
 
 _noted = set()  # the val loader is made afresh at every evaluation: say it once
@@ -347,25 +453,56 @@ def load_examples(path):
 
 
 class FinetuneLoader(_GlobalOrder):
-    """Batches of padded fine-tuning examples from a build_finetune_datasets.py train.jsonl / val.jsonl."""
+    """Batches of padded fine-tuning examples from a build_finetune_datasets.py train.jsonl / val.jsonl.
+
+    pack=True: batches of packed rows of max_seq_length tokens (PackedBatch); a sample of the global order is
+    then a row, and len() counts rows. limit: only the first `limit` examples of the file (evaluation: the
+    same examples whether packed or not)."""
 
     def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
-                 max_seq_length=None, shuffle=True):
+                 max_seq_length=None, shuffle=True, pack=False, limit=None):
         if not os.path.isfile(path):
             hint = not_built_hint(os.path.dirname(path) or ".", "finetune")
             raise FileNotFoundError(f"fine-tuning data {path} not found: {hint}")
         self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
         self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
         self._prompts, self._completions = load_examples(path)
+        if limit is not None:
+            self._prompts, self._completions = self._prompts[:limit], self._completions[:limit]
         if not self._prompts:
             raise EmptySplitError(f"{path} holds no examples; rebuild it with build_finetune_datasets.py "
                              f"(for val.jsonl: a --val_fraction above 0)")
         if max_seq_length is not None:
             check_lengths(path, self._prompts, self._completions, max_seq_length, log=rank == 0)
         self._perm = (None, None)
+        self.pack = bool(pack)
+        if self.pack:
+            if max_seq_length is None:
+                raise ValueError("pack=True needs max_seq_length (the length of a packed row)")
+            # Tokens each example takes in a row (after truncation); one that has none carries no target.
+            lengths = np.minimum([len(p) + len(c) for p, c in zip(self._prompts, self._completions)],
+                                 max_seq_length) - 1
+            self._packable = np.flatnonzero(lengths > 0)
+            self._lengths = lengths[self._packable]
+            if not len(self._lengths):
+                raise EmptySplitError(f"{path}: no example has a token to train on; rebuild it with "
+                                      f"build_finetune_datasets.py")
+            self._rows = (0, plan_rows(self._lengths, max_seq_length, self.seed, 0, self.shuffle))
 
     def __len__(self):
+        """Samples per epoch: examples, or packed rows (the same count in every epoch)."""
+        return len(self._rows[1]) if self.pack else len(self._prompts)
+
+    @property
+    def num_examples(self) -> int:
         return len(self._prompts)
+
+    def _row(self, g) -> list:
+        """Example indices of the g-th packed row of the global stream."""
+        epoch, i = divmod(g, len(self))
+        if self._rows[0] != epoch:
+            self._rows = (epoch, plan_rows(self._lengths, self.max_seq_length, self.seed, epoch, self.shuffle))
+        return [int(self._packable[j]) for j in self._rows[1][i]]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -388,9 +525,15 @@ class FinetuneLoader(_GlobalOrder):
             self._perm = (epoch, np.random.default_rng((self.seed, _EXAMPLE_STREAM, epoch)).permutation(len(self)))
         return int(self._perm[1][i])
 
-    def next_batch(self) -> FinetuneBatch:
-        """(input_ids, labels), see `finetune_collate`; `.num_targets` counts the loss tokens."""
+    def next_batch(self) -> FinetuneBatch | PackedBatch:
+        """(input_ids, labels), see `finetune_collate`; `.num_targets` counts the loss tokens.
+        Packed: (input_ids, labels, doc_ids) of max_seq_length-token rows, see `packed_collate`."""
         start = self.position + self._my_offset()
+        if self.pack:
+            rows = [[(self._prompts[i], self._completions[i]) for i in self._row(g)]
+                    for g in range(start, start + self.micro_batch_size)]
+            self._advance()
+            return packed_collate(rows, self.max_seq_length, pad_id=EOT_TOKEN, max_seq_length=self.max_seq_length)
         picked = [self._example_index(g) for g in range(start, start + self.micro_batch_size)]
         batch = finetune_collate([(self._prompts[i], self._completions[i]) for i in picked],
                                  pad_id=EOT_TOKEN, max_seq_length=self.max_seq_length)
@@ -399,11 +542,14 @@ class FinetuneLoader(_GlobalOrder):
 
     def state_dict(self) -> dict:
         return {"position": self.position, "micro_step": self.micro_step, "seed": self.seed,
-                "num_examples": len(self), "shuffle": int(self.shuffle)}
+                "num_examples": self.num_examples, "shuffle": int(self.shuffle), "pack": int(self.pack)}
 
     def load_state_dict(self, d):
-        for key, mine in (("seed", self.seed), ("num_examples", len(self)), ("shuffle", int(self.shuffle))):
-            if key in d and int(d[key]) != mine:
-                raise DatasetError(f"data loader state was saved with {key}={d[key]}, this loader has {key}={mine}: "
-                                 f"resume with the same data, seed and shuffle")
+        # A state without "pack" was saved before packing existed: unpacked.
+        for key, mine in (("seed", self.seed), ("num_examples", self.num_examples), ("shuffle", int(self.shuffle)),
+                          ("pack", int(self.pack))):
+            saved = int(d.get(key, 0 if key == "pack" else mine))
+            if saved != mine:
+                raise DatasetError(f"data loader state was saved with {key}={saved}, this loader has {key}={mine}: "
+                                 f"resume with the same data, seed, shuffle and pack")
         self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))

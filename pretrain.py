@@ -28,7 +28,7 @@ def main(argv=None):
     def make_loader(split, info):
         return PretrainLoader(cfg.sources(), split, cfg.max_seq_length, cfg.micro_batch_size,
                               cfg.gradient_accum_steps if split == "train" else 1,
-                              rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+                              rank=info.rank, world_size=info.world_size, seed=cfg.seed, doc_mask=cfg.doc_mask)
 
     def save_final(state_dict, model, directory):
         save_model(model, directory, state_dict=state_dict)

@@ -3,7 +3,9 @@
 # activation checkpointing, CPU offload, DCP resume, LoRA, generation; and meta-device init on the GPU,
 # with and without offload: tests/e2e/test_meta_init.py), then gpt2 124M training throughput
 # (block 1024) against transformers on the same GPU: tokens/s, MFU against the measured matmul peak and
-# against the GPU's datasheet bf16 peak.
+# against the GPU's datasheet bf16 peak; then packed fine-tuning (flex attention, block-sparse document mask)
+# against padded batches: target tokens/s and padding on the sample chat set and an instruction set with
+# a few long contexts (bench/packing_throughput.py; the GPU tests above check flex attention's exactness).
 #     bash bench/gpu.sh              # PYTHON=/path/to/python to choose the interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +15,5 @@ $PY -c 'import torch; print("GPU:", torch.cuda.get_device_name(), "x", torch.cud
 $PY -m pytest -q tests/gpu tests/e2e/test_meta_init.py
 $PY bench/train_throughput.py --device cuda --config gpt2 --batch_size 8 --dtypes bf16 --modes eager,compile \
     --repeats 3 --steps 5
+$PY bench/packing_throughput.py --device cuda --dtype bf16 --seq_len 1024 --examples 2048 --batch_size 8 \
+    --repeats 3

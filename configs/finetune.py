@@ -15,6 +15,9 @@ class FinetuneConfig(TrainingConfig):
     data_dir: str = "data/finetune_built"  # build_finetune_datasets.py output: train.jsonl, val.jsonl
     num_epochs: int = 2                  # passes over the training set
     max_train_iters: int = 0             # 0 = num_epochs worth of steps; otherwise a cap
+    # pack examples side by side into rows of max_seq_length tokens (best-fit decreasing, planned per epoch), each
+    # attending only to itself with positions from 0: no compute on padding, the same losses (docs/packing.md)
+    pack: bool = False
 
     micro_batch_size: int = 4
     gradient_accum_steps: int = 8

@@ -19,6 +19,8 @@ class PretrainConfig(TrainingConfig):
     # ("data/openwebtext2:0.6", "data/enwiki:0.3", "data/zhwiki:0.1"). Empty = data_dir alone.
     datasources: tuple[str, ...] = ()
     data_dir: str = "data/pretrain_built"
+    # confine attention to each document of a window (<|endoftext|> opens the next one; positions restart there)
+    doc_mask: bool = False
 
     gradient_accum_steps: int = 16       # per rank; 8 GPUs x 8 x 16 x 1024 = 1M tokens per step
     max_train_iters: int = 100_000

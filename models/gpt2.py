@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from models.attention import DocumentMask
 from models.loss import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -78,14 +79,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, docs=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is None:
+        if docs is not None:  # packed rows: each document attends only to itself (models/attention.py)
+            y = docs.attend(q, k, v, dropout_p)
+        elif cache is None:
             # Causal and right padding need no mask: padded positions only ever look left.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -118,8 +121,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, docs=None):
+        x = x + self.attn(self.ln_1(x), cache, docs)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -183,6 +186,8 @@ def _diag(T, L, device):
 
 
 class GPT2LMHeadModel(nn.Module):
+    doc_attention = None  # how doc_ids attention runs (models/attention.py BACKENDS); None = the device's fastest
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -218,7 +223,7 @@ class GPT2LMHeadModel(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, valid=None, reduction="mean", return_logits=True):
+    def forward(self, idx, targets=None, cache=None, valid=None, reduction="mean", return_logits=True, doc_ids=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss over targets != -100 or None).
 
         `reduction`: "mean" over target tokens, or "sum" (the training loop divides by the number
@@ -228,9 +233,19 @@ class GPT2LMHeadModel(nn.Module):
 
         `cache`/`valid` are for generation only: a KVCache to read and extend, and (B, T) bool
         marking real tokens of left-padded prompts. With a cache, logits are for the last position only.
+
+        `doc_ids` (B, T), optional (packed rows, training and evaluation): the document of each token; a new
+        one starts where the id changes. Each document then attends only to itself and its positions restart
+        at 0, exactly as if it ran alone. Without it: plain causal attention over the whole row.
         """
         B, T = idx.size()
-        if cache is None:
+        docs = None
+        if doc_ids is not None:
+            assert cache is None, "doc_ids are for training and evaluation, not for the KV cache"
+            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            docs = DocumentMask(doc_ids, self.doc_attention, dropout=self.training and self.config.attn_dropout > 0)
+            pos = docs.positions  # (B, T)
+        elif cache is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
             pos = torch.arange(T, dtype=torch.long, device=idx.device)[None]  # (1, T)
         else:
@@ -239,7 +254,7 @@ class GPT2LMHeadModel(nn.Module):
                 pos = torch.arange(cache.length, cache.length + T, dtype=torch.long, device=idx.device)[None]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, docs)
         if cache is not None:
             cache.advance(T)
             x = x[:, -1:]  # generation reads only the last position's logits: no lm_head over the prompt

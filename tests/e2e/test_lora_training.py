@@ -78,3 +78,18 @@ def test_lora_two_ranks_resume_on_one_rank_matches_one_rank_run(tmp, run_script,
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         assert (merged(idx)[0] - model.eval()(idx)[0]).abs().max().item() <= 1e-5
+
+
+def test_lora_with_packing_two_ranks_equal_one_rank_and_learns(tmp, run_script, read_metrics, losses):
+    """--pack=true with LoRA: packed rows at 2 ranks == 1 rank x 2 accumulation steps; it learns."""
+    packed = {"pack": "true", "micro_batch_size": 2, "max_train_iters": 6}
+    run_script("finetune_lora.py", *lora_args(tmp, "packed2", **packed), nproc=2)
+    run_script("finetune_lora.py", *lora_args(tmp, "packed1", gradient_accum_steps=2, cpu_threads=1, **packed))
+    two, one = losses(tmp, "packed2"), losses(tmp, "packed1")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(two[step] - one[step]) <= 1e-4, (step, two[step], one[step])
+    assert one[6] < one[1] - 0.5
+    steps, evals = read_metrics(tmp / "packed1" / "runs")
+    assert steps[1]["padding_fraction"] < 0.25 and evals[6]["eval_loss"] < 20
+    assert (tmp / "packed1" / "ckpt" / "final" / "adapter.safetensors").is_file()

@@ -198,6 +198,85 @@ def test_full_finetune_two_ranks(tmp, baseline, run_script, write_finetune_data,
     assert abs(got[1] - total / count) <= 1e-4
 
 
+def packed_args(tmp, baseline, name, **overrides):
+    args = {"pretrained_ckpt": baseline[0] / "ckpt" / "final", "data_dir": tmp / "sft", "ckpt_dir": tmp / name / "ckpt",
+            "log_dir": tmp / name / "runs", "micro_batch_size": 2, "gradient_accum_steps": 1, "num_epochs": 1,
+            "max_seq_length": 64, "pack": "true", "max_lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1,
+            "max_decay_steps": 6, "max_train_iters": 6, "mixed_precision": "false", "device": "cpu",
+            "embed_dropout": 0, "attn_dropout": 0, "resid_dropout": 0, "eval_iters": 2, "eval_interval": 3,
+            "log_interval": 1, "ckpt_interval": 3, "grad_clip": 1000, **overrides}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_packed_finetune_two_ranks_equal_one_rank_resume_and_exact_first_loss(
+        tmp, baseline, run_script, write_finetune_data, losses, read_metrics):
+    """--pack=true: 2 ranks == 1 rank x 2 accumulation steps, resumed at another world size == uninterrupted,
+    and step 1's loss is the mean over the same examples, each run alone (unpacked) through the model."""
+    write_finetune_data(tmp / "sft")
+    run_script("finetune.py", *packed_args(tmp, baseline, "packed"), nproc=2)
+    # 1 rank for 3 steps, then resumed on 2 ranks.
+    run_script("finetune.py", *packed_args(tmp, baseline, "packed_split", gradient_accum_steps=2, cpu_threads=1,
+                                           max_train_iters=3))
+    run_script("finetune.py", *packed_args(tmp, baseline, "packed_split", resume="auto"), nproc=2)
+    whole, split = losses(tmp / "packed"), losses(tmp / "packed_split")
+    assert sorted(whole) == sorted(split) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(whole[step] - split[step]) <= 1e-4, (step, whole[step], split[step])
+    assert whole[6] < whole[1]
+
+    # Step 1 by hand: the rows of the packed global batch, each example alone, unpacked.
+    from custom_dataset import FinetuneLoader, finetune_collate
+    model = load_model(baseline[0] / "ckpt" / "final").eval()
+    loader = FinetuneLoader(tmp / "sft" / "train.jsonl", 4, seed=1337, max_seq_length=64, pack=True)
+    total, count, examples = 0.0, 0, 0
+    with torch.no_grad():
+        for row in range(4):
+            for i in loader._row(row):
+                x, y = finetune_collate([(loader._prompts[i], loader._completions[i])], max_seq_length=64)
+                _, loss = model(x, targets=y, reduction="sum")
+                total, count, examples = total + loss.item(), count + int((y != -100).sum()), examples + 1
+    assert examples > 4  # rows of several examples
+    assert abs(whole[1] - total / count) <= 1e-5
+    steps, _ = read_metrics(tmp / "packed" / "runs")
+    assert steps[1]["target_tokens_per_sec"] > 0 and 0 <= steps[1]["padding_fraction"] < 0.25
+
+
+def test_packed_eval_loss_equals_unpacked_on_the_same_checkpoint(tmp, baseline, run_script, write_finetune_data,
+                                                                 read_metrics):
+    """With the learning rate 0 the weights stay the pretrained ones: the evaluation of --pack=true and of the
+    unpacked run score the same examples (eval_iters x micro_batch_size = 8 of the 16) with the same targets."""
+    write_finetune_data(tmp / "sft")
+    evals, padding = {}, {}
+    for pack in ("true", "false"):
+        run_script("finetune.py", *packed_args(tmp, baseline, f"eval_{pack}", pack=pack, max_lr=0, min_lr=0,
+                                               max_train_iters=1, micro_batch_size=4, eval_iters=2))
+        steps, ev = read_metrics(tmp / f"eval_{pack}" / "runs")
+        evals[pack], padding[pack] = ev[1], steps[1]["padding_fraction"]
+    assert evals["true"]["eval_tokens"] == evals["false"]["eval_tokens"] > 0
+    assert abs(evals["true"]["eval_loss"] - evals["false"]["eval_loss"]) <= 1e-5
+    assert padding["true"] < padding["false"]
+
+
+def test_doc_mask_pretraining_first_loss_is_each_document_alone(tmp, run_script, losses):
+    """pretrain.py --doc_mask=true: step 1's loss equals the loss of every document piece of the batch run alone
+    through the freshly initialised model (the same seed builds the same weights)."""
+    run_script("pretrain.py", *pretrain_args(tmp, "docmask", doc_mask="true", max_train_iters=1, eval_interval=0))
+    from custom_dataset import PretrainLoader
+    from models.gpt2 import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1337)
+    model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny", pad_vocab_multiple=64)).eval()
+    x, y, doc_ids = PretrainLoader([tmp / "data"], "train", 32, 4, seed=1337, doc_mask=True).next_batch()
+    total, pieces = 0.0, 0
+    with torch.no_grad():
+        for b in range(4):
+            for d in doc_ids[b].unique().tolist():
+                keep = doc_ids[b] == d
+                _, loss = model(x[b][keep][None], targets=y[b][keep][None], reduction="sum")
+                total, pieces = total + loss.item(), pieces + 1
+    assert pieces > 4  # windows crossing document boundaries
+    assert abs(losses(tmp / "docmask")[1] - total / y.numel()) <= 1e-5
+
+
 def test_user_errors_are_one_line(tmp, baseline, capsys):
     import finetune
     import pretrain

@@ -132,3 +132,54 @@ def test_lm_head_loss_on_cuda_matches_and_launches_few_ops():
         ref = F.cross_entropy((x @ w.t())[:, :50257].float(), t, reduction="sum")
     assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
     assert ops.n < 300, ops.n  # 32-row chunks took ~5,000
+
+
+def test_packed_rows_on_cuda_run_flex_attention_exactly():
+    """doc_ids on CUDA: flex attention with a block-sparse mask (the default there), forward and backward equal
+    to each example run alone through the mask-free is_causal path; with attention dropout on, one call per
+    example instead (flex attention has no dropout)."""
+    from models.attention import DocumentMask
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2-tiny", block_size=256)).cuda().eval()
+    rows = [[100, 60, 90], [256], [17] * 15]  # T = 256: blocks of 128 inside one example, across several, padding
+    examples, idx, doc_ids = [], torch.full((3, 256), 50256), torch.zeros(3, 256, dtype=torch.long)
+    for b, lengths in enumerate(rows):
+        s = 0
+        for d, n in enumerate(lengths):
+            ex = torch.randint(0, 50257, (n,))
+            idx[b, s:s + n], doc_ids[b, s:s + n] = ex, d
+            examples.append((b, s, ex.cuda()))
+            s += n
+        doc_ids[b, s:] = len(lengths)
+    idx, doc_ids = idx.cuda(), doc_ids.cuda()
+    assert DocumentMask(doc_ids).backend == "flex" and DocumentMask(doc_ids, dropout=True).backend == "segments"
+    targets = torch.full_like(idx, -100)
+    for b, s, ex in examples:
+        targets[b, s:s + len(ex) - 1] = ex[1:]
+    logits, loss = model(idx, targets=targets, doc_ids=doc_ids, reduction="sum")
+    loss.backward()
+    packed_grad = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    model.zero_grad()
+    ref_loss = 0
+    for b, s, ex in examples:
+        alone, part = model(ex[None], targets=torch.cat([ex[1:], ex.new_full((1,), -100)])[None], reduction="sum")
+        assert (logits[b, s:s + len(ex)] - alone[0]).abs().max().item() <= 1e-4, (b, s)
+        ref_loss = ref_loss + part
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    ref_grad = model.transformer.h[0].attn.c_attn.weight.grad
+    assert (packed_grad - ref_grad).abs().max().item() <= 1e-4 * max(1.0, ref_grad.abs().max().item())
+
+
+def test_packed_finetune_on_cuda_with_compile_and_bf16(tmp, run_script, read_metrics):
+    """--pack=true on the GPU: flex attention inside compiled bf16 blocks (attention dropout off), and the
+    per-example path with attention dropout on (the note says so)."""
+    fast = dict(compile_model="true", mixed_precision="true", max_seq_length=128)
+    run_script("finetune.py", *finetune_args(tmp, "packflex", pack="true", attn_dropout=0, **fast), nproc=NPROC)
+    out = run_script("finetune.py", *finetune_args(tmp, "packdrop", pack="true", **fast), nproc=NPROC)
+    assert "flex attention has no attention dropout" in out.stderr
+    for run in ("packflex", "packdrop"):
+        steps = read_metrics(tmp / run / "runs")[0]
+        assert sorted(steps) == [1, 2, 3, 4] and steps[4]["loss"] < steps[1]["loss"]
+        assert steps[1]["padding_fraction"] < 0.25

@@ -1,6 +1,7 @@
 """What finetune.py and finetune_lora.py share: the starting model, the data, the step count."""
 import json
 import os
+import sys
 
 from custom_dataset import FinetuneLoader
 from models.gpt2 import GPT2Config
@@ -21,10 +22,17 @@ def load_pretrained(cfg, device="cpu"):
 
 
 def finetune_loader(cfg, split, info):
+    """The train or val loader. --pack=true: packed rows; the val split then packs only the examples an
+    evaluation reads unpacked (the first eval_iters x micro_batch_size), so its loss is the same."""
+    limit = cfg.eval_iters * cfg.micro_batch_size if split == "val" and cfg.pack else None
+    if cfg.pack and split == "train" and info.is_main and info.device.type == "cuda" and cfg.attn_dropout > 0:
+        print(f"note: --pack=true with --attn_dropout={cfg.attn_dropout}: flex attention has no attention dropout, "
+              "so packed rows attend one example at a time (slower); --attn_dropout=0 runs flex attention",
+              file=sys.stderr, flush=True)
     return FinetuneLoader(os.path.join(cfg.data_dir, f"{split}.jsonl"), cfg.micro_batch_size,
                           cfg.gradient_accum_steps if split == "train" else 1, rank=info.rank,
                           world_size=info.world_size, seed=cfg.seed, max_seq_length=cfg.max_seq_length,
-                          shuffle=split == "train")
+                          shuffle=split == "train", pack=cfg.pack, limit=limit)
 
 
 def check_finetune_data(cfg):

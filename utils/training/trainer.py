@@ -295,11 +295,11 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     data_state, rng_state = loader.state_dict(), _rng_state(info.device)
     batches = [loader.next_batch() for _ in range(cfg.gradient_accum_steps)]
     # One collective (CPU/gloo: no device sync) for the window's token counts and any rank's stop request.
-    n_targets, n_tokens, stopping = all_reduce_sum([*_count_tokens(batches), stop.requested], info)
+    n_targets, n_tokens, n_positions, stopping = all_reduce_sum([*_count_tokens(batches), stop.requested], info)
     batches = [_to_device(b, info.device) for b in batches]
     loss_sum = torch.zeros((), device=info.device)
     grad_bytes = None
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if i > 0:
             stopping = _any_rank(stop.requested, info)
         if stopping:
@@ -308,7 +308,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
             _set_rng_state(rng_state, info.device)
             return None
         model.set_requires_gradient_sync(i == len(batches) - 1 or not defer)
-        _, loss = model(x, targets=y, reduction="sum", return_logits=False)
+        loss = _loss_sum(model, batch)
         # FSDP averages gradients over ranks: scale by world size to make that average a sum.
         (loss * (info.world_size / max(n_targets, 1))).backward()
         loss_sum += loss.detach().float()
@@ -335,7 +335,7 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": train_loss, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_targets,
-            "grad_bytes": grad_bytes}
+            "positions": n_positions, "grad_bytes": grad_bytes}
 
 
 def to_host(*scalars):
@@ -368,11 +368,11 @@ def evaluate(model, loader, start_state, cfg, info):
     n = min(cfg.eval_iters * B, len(loader))
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, target tokens
     for m in range(math.ceil(n / (W * B))):
-        x, y = loader.next_batch()
+        x, y, *doc_ids = loader.next_batch()
         rows = (m * W + info.rank) * B + torch.arange(y.size(0))
         y = y.masked_fill((rows >= n)[:, None], IGNORE_INDEX)
-        x, y = _to_device((x, y), info.device)
-        _, loss = model(x, targets=y, reduction="sum", return_logits=False)
+        batch = _to_device((x, y, *doc_ids), info.device)
+        loss, y = _loss_sum(model, batch), batch[1]
         totals += torch.stack([loss.double(), (y != IGNORE_INDEX).sum().double()])
     if W > 1:
         dist.all_reduce(totals)
@@ -384,10 +384,12 @@ def evaluate(model, loader, start_state, cfg, info):
 
 def step_record(step, lr, out, dt, flops_tok, peak, info):
     """What one step logs. Tokens are the ones processed (fine-tuning: padding excluded, prompts
-    included); target tokens (those with a loss) are reported separately."""
+    included); target tokens (those with a loss) are reported separately; padding_fraction is the share
+    of the batches' positions (rows x length) that held no token to process."""
     tokens_per_sec = out["tokens"] / dt
     return {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
             "tokens_per_sec": tokens_per_sec, "target_tokens_per_sec": out["target_tokens"] / dt,
+            "padding_fraction": 1 - out["tokens"] / max(out["positions"], 1),
             "mfu": mfu(tokens_per_sec / info.world_size, flops_tok, peak)}
 
 
@@ -425,16 +427,26 @@ def _due(interval, step, max_steps):
     return bool(interval and step % interval == 0) or step == max_steps
 
 
+def _loss_sum(model, batch):
+    """The summed loss of a device batch: (input_ids, labels), or packed (input_ids, labels, doc_ids)."""
+    x, y, *doc_ids = batch
+    _, loss = model(x, targets=y, doc_ids=doc_ids[0] if doc_ids else None, reduction="sum", return_logits=False)
+    return loss
+
+
 def _count_tokens(batches):
-    """(target tokens, processed tokens) of CPU batches. A row's processed tokens end at its last target:
-    padding after it is not work the model needed (pretraining rows are all targets)."""
-    targets = processed = 0
-    for _, y in batches:
+    """(target tokens, processed tokens, positions) of CPU batches. A row's processed tokens end at its last
+    target: padding after it is not work the model needed (pretraining rows are all targets). Positions
+    are all of the batches' rows x length, padding included."""
+    targets = processed = positions = 0
+    for batch in batches:
+        y = batch[1]
         has_target = y != IGNORE_INDEX
         targets += int(has_target.sum())
         ends = torch.where(has_target, torch.arange(1, y.size(1) + 1), 0).amax(dim=1)  # (B,)
         processed += int(ends.sum())
-    return targets, processed
+        positions += y.numel()
+    return targets, processed, positions
 
 
 def _to_device(batch, device):
