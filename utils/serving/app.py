@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass, replace
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.sampling import check_sampling_args
@@ -31,6 +31,7 @@ from utils.serving.queue import GenerationQueue, Job, QueueFull, Sampling
 from utils.serving.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from utils.tokenizer import EOT_TOKEN, get_tokenizer
 
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -72,7 +73,7 @@ def chat_prompt_ids(req: ChatCompletionRequest) -> list:
     """messages -> token ids of the prompt the model was fine-tuned on (system -> the context)."""
     turns = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
     if turns[-1][0] != "user" or not turns[-1][1].strip():
-        raise APIError(400, "the last message must be a non-empty user message (the question to answer)",
+        raise APIError(400, "messages: the last message must be a non-empty user message (the question to answer)",
                        param="messages")
     return get_tokenizer().encode_ordinary(dialogue_prompt(turns))
 
@@ -109,6 +110,22 @@ def token_budget(config: ServerConfig, n_prompt: int, max_tokens, param: str) ->
                             f"{n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} for the answer). "
                             "Reduce max_tokens or the prompt.", param="max_tokens", code="context_length_exceeded")
     return max_tokens
+
+
+async def parse(request: Request, schema):
+    """The body as `schema`, whatever the Content-Type says (curl -d sends a form type); APIError(400) naming
+    the first bad field, or saying the body is not JSON."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            why = err.get("ctx", {}).get("error", err["msg"])
+            raise APIError(400, f"the request body is not valid JSON: {why}") from None
+        # The field's path, without the names pydantic gives the members of a union ("str", "list[int]")
+        path = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in UNION_TAGS))]
+        where = ".".join(path)
+        raise APIError(400, f"{where or 'body'}: {err['msg']}", param=path[0] if path else None) from None
 
 
 # ---------------------------------------------------------------------------------------- responses
@@ -226,17 +243,6 @@ def create_app(queue: GenerationQueue, config: ServerConfig) -> FastAPI:
     async def api_error(_, e: APIError):
         return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_, e: RequestValidationError):
-        err = e.errors()[0]
-        where = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":  # loc is the character position, not a field
-            where = []
-            message = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
-        else:
-            message = f"{'.'.join(where) or 'body'}: {err['msg']}"
-        return JSONResponse(error_body(message, param=".".join(where) or None), status_code=400)
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
@@ -266,7 +272,8 @@ def create_app(queue: GenerationQueue, config: ServerConfig) -> FastAPI:
         return await reply.whole(request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatCompletionRequest)
         check_request(req)
         ids = chat_prompt_ids(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -274,7 +281,8 @@ def create_app(queue: GenerationQueue, config: ServerConfig) -> FastAPI:
         return await respond(request, Reply(queue, config, True, req, ids, budget))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
         check_request(req)
         ids = completion_prompt_ids(req)
         budget = token_budget(config, len(ids), req.max_tokens, "prompt")
