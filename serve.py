@@ -100,7 +100,11 @@ def main(argv=None):
     with serving(model, device, config) as app:
         log(f"serving {config.model_name!r} on http://{host}:{port} (chat page at /, OpenAI API at /v1"
             f"{', key required' if args.api_key else ''}); Ctrl+C stops")
-        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)).run(sockets=[sock])
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down on Ctrl+C, then raises it again: a normal end here
+            pass
+    log(f"{PROG}: stopped")
 
 
 if __name__ == "__main__":
