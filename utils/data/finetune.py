@@ -107,6 +107,18 @@ def _dialogue(turns, context=None):
     return examples, unanswered + (question is not None)
 
 
+def dialogue_prompt(turns) -> str:
+    """The prompt text a fine-tuned model answers after `turns` ([(role, text)], roles user /
+    assistant / system, ending with a non-empty user turn), grouped exactly as `_dialogue` groups a
+    dialogue into training examples: system turns become the context, consecutive user turns one
+    question, earlier question/answer pairs the history. Used by the server (utils/serving)."""
+    if not turns or turns[-1][0] != "user" or not turns[-1][1]:
+        raise ValueError("a dialogue to answer ends with a non-empty user turn")
+    examples, _ = _dialogue([*turns, ("assistant", "?")])  # "?" stands for the answer to come
+    ex = examples[-1]
+    return format_prompt(ex["prompt"], ex.get("context"), [tuple(t) for t in ex.get("history", ())])
+
+
 def _role_turns(items, role_key, text_key):
     turns = []
     for item in items:
