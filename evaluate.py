@@ -15,13 +15,12 @@ tasks' original files from --data_dir (see docs/evaluation.md).
 """
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-from utils.cli import UsageError, log, parser
+from utils.cli import UsageError, fail, log, parser
 from utils.errors import USER_ERRORS, user_message
 from utils.evaluation.run import default_limit_note, evaluate_tasks, find_val_bin, load_examples
 from utils.evaluation.tasks import parse_tasks
@@ -138,6 +137,4 @@ if __name__ == "__main__":
     try:
         main()
     except USER_ERRORS as e:  # flag errors, raised before the process group exists: rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{PROG}: error: {user_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        fail(PROG, user_message(e))

@@ -14,10 +14,11 @@ import inspect
 import os
 import re
 import sys
+import time
 import types
 import typing
 
-from utils.errors import UserError
+from utils.errors import UserError, record_for_torchrun
 
 
 class ConfigError(UserError, ValueError):
@@ -248,6 +249,17 @@ def parse_overrides(cfg, argv):
     return dataclasses.replace(cfg, **changes)
 
 
+def fail(prog, e):
+    """One line for a config error (under torchrun: from rank 0, and into torchrun's summary), exit code 2."""
+    line = f"{prog}: error: {e}"
+    record_for_torchrun(line)
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    else:  # torchrun stops every rank once one exits: leave rank 0 the time to say it
+        time.sleep(5)
+    sys.exit(2)
+
+
 def load_config(cfg_cls, argv=None, prog=None, description=""):
     """Defaults of `cfg_cls` + command-line overrides; prints help or a one-line error and exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -255,8 +267,7 @@ def load_config(cfg_cls, argv=None, prog=None, description=""):
     try:
         check_config_class(cfg_cls)
     except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(prog, e)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cfg_cls, prog, description))
         sys.exit(0)
@@ -265,6 +276,5 @@ def load_config(cfg_cls, argv=None, prog=None, description=""):
         if hasattr(cfg, "validate"):
             cfg.validate()
     except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(prog, e)
     return cfg

@@ -99,3 +99,33 @@ def test_the_readme_virtualenv_is_ignored_by_git(repo):
     if not os.path.isdir(os.path.join(repo, ".git")) and not os.path.isfile(os.path.join(repo, ".git")):
         pytest.skip("not a git checkout")
     assert ignored, f"{venv}/ (the README's virtualenv) is not in .gitignore"
+
+
+def test_dotted_names_in_the_pages_exist(repo):
+    """`utils.generation.loading.load_for_generation` and the like, named in prose: each one imports."""
+    import importlib
+    names = set()
+    for page in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(repo, "docs"))
+                                 if f.endswith(".md")]:
+        with open(os.path.join(repo, page), encoding="utf-8") as f:
+            names |= {(page, m) for m in re.findall(r"`((?:utils|models|configs|custom_dataset)(?:\.\w+)+)", f.read())
+                      if not m.endswith((".py", ".sh", ".md"))}
+    assert len(names) >= 3
+    missing = []
+    for page, name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        else:
+            missing.append(f"{page}: {name}")
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                missing.append(f"{page}: {name}")
+                break
+            obj = getattr(obj, attr)
+    assert missing == [], missing

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from utils.errors import USER_ERRORS, UserError, user_message
+from utils.errors import USER_ERRORS, UserError, record_for_torchrun, user_message
 
 
 class UsageError(UserError, ValueError):
@@ -12,7 +12,10 @@ class UsageError(UserError, ValueError):
 
 
 def fail(prog, message):
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    line = f"{prog}: error: {message}"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one says it
+        print(line, file=sys.stderr, flush=True)
+    record_for_torchrun(line)
     sys.exit(2)
 
 

@@ -4,6 +4,9 @@ process-group wrapper) prints it as one line `script.py: error: ...` and exits w
 
 Anything else is a bug in miniGPT and keeps its traceback.
 """
+import json
+import os
+import time
 
 
 class UserError(Exception):
@@ -19,3 +22,22 @@ def user_message(e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return " ".join(str(e).split("\n"))
+
+
+def record_for_torchrun(line: str):
+    """Under torchrun, leave the one-line error in this worker's error file, so that torchrun's failure
+    summary shows it (as the worker's "traceback") instead of "To enable traceback see: ...".
+
+    The file is the one torch.distributed.elastic.multiprocessing.errors.ErrorHandler.record_exception
+    writes (TORCHELASTIC_ERROR_FILE, set by torchrun for each worker), in its JSON shape; ours holds the
+    message where it would put a Python traceback. Outside torchrun this does nothing.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:  # the summary then says what it would have said anyway
+        pass

@@ -155,6 +155,52 @@ def test_finetuned_stdin_loop_keeps_history(ckpt, monkeypatch, capfd):
         history.append((q, a))
 
 
+class ScriptedModel:
+    """Stands in for a model in generate_finetuned.py: answers each turn with the next scripted answer
+    (its tokens, then " END"), and records the prompt it was given."""
+
+    def __init__(self, answers, block_size=1024):
+        self.answers, self.prompts = list(answers), []
+        self.config = GPT2Config(block_size=block_size)
+
+    def generate(self, idx, max_new_tokens, callback=None, **_):
+        self.prompts.append(idx[0].tolist())
+        for token in enc.encode_ordinary(" " + self.answers.pop(0)) + [END_TOKEN]:
+            if callback(torch.tensor([token])):
+                break
+
+
+def test_finetuned_stdin_prompts_equal_the_builders(tmp_path, monkeypatch, capfd):
+    """Issue 20 item 5: the prompt of turn N is the one build_finetune_datasets.py builds for turn N of
+    the same dialogue (prepared from a chatterbot file, as the quickstart does), token for token."""
+    import json
+
+    import build_finetune_datasets
+    import prepare_data_finetune
+    turns = ["What are you?", "I am but a man in a mask.", "Are you a programmer?", "Of course I am a programmer.",
+             "What annoys you?", "A lot of things, like all the other digits other than 0 and 1."]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "chat.yml").write_text("categories:\n- test\nconversations:\n- - "
+                                               + "\n  - ".join(turns) + "\n", encoding="utf-8")
+    for module, args in ((prepare_data_finetune, ["--input", tmp_path / "raw", "--output", tmp_path / "prepared"]),
+                         (build_finetune_datasets, ["--input", tmp_path / "prepared", "--output", tmp_path / "built",
+                                                    "--val_fraction", "0"])):
+        module.main([str(a) for a in args])
+    built = [json.loads(line) for line in (tmp_path / "built" / "train.jsonl").read_text().splitlines()]
+    built = sorted(built, key=lambda ex: len(ex["prompt_ids"]))  # turn 1, 2, 3
+    questions, answers = turns[0::2], turns[1::2]
+    assert [ex["completion_ids"] for ex in built] == [enc.encode_ordinary(f" {a} END") for a in answers]
+
+    model = ScriptedModel(answers)
+    monkeypatch.setattr(generate_finetuned, "load_for_generation", lambda *a, **k: model)
+    monkeypatch.setattr(generate_finetuned, "check_model_dirs", lambda args: None)
+    rc, out, err = in_process(generate_finetuned, capfd, "--checkpoint", tmp_path, "--temperature", 0,
+                              stdin="\n".join(questions) + "\n", monkeypatch=monkeypatch)
+    assert rc == 0, err
+    assert out.splitlines() == answers
+    assert model.prompts == [ex["prompt_ids"] for ex in built]
+
+
 def test_finetuned_drops_oldest_turns_to_fit(ckpt, monkeypatch, capfd):
     long_q = "Tell me about " + "the history of the world " * 6  # ~40 tokens a turn; budget is 64
     rc, out, err = in_process(generate_finetuned, capfd, "--checkpoint", ckpt, "--temperature", 0,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import USER_ERRORS, UserError, user_message
+from utils.errors import USER_ERRORS, UserError, record_for_torchrun, user_message
 from utils.hardware import configure_cpu_threads, resolve_device
 
 
@@ -130,8 +130,10 @@ def distributed_run(device: str = "auto", prog="miniGPT", cpu_threads: int = 0):
     except BaseException as e:
         rank0 = info.is_main if info else int(os.environ.get("RANK", 0)) == 0
         if isinstance(e, USER_ERRORS):
+            line = f"{prog}: error: {user_message(e)}"
             if rank0:
-                print(f"{prog}: error: {user_message(e)}", file=sys.stderr, flush=True)
+                print(line, file=sys.stderr, flush=True)
+            record_for_torchrun(line)  # torchrun's summary then carries it (every rank: whichever it reports)
             code = 2
         elif isinstance(e, KeyboardInterrupt):
             code = 130
