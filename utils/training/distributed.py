@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import USER_ERRORS, UserError, record_for_torchrun, user_message
-from utils.hardware import configure_cpu_threads, resolve_device
+from utils.hardware import configure_cpu_threads, resolve_device, tune_cpu_allocator
 
 
 @dataclass
@@ -95,6 +95,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30, cpu_thre
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (--mixed_precision=false) on TF32 tensor cores
     else:
         backend = "gloo"
+        # Keep freed memory for the next step instead of page-faulting it back in (the LM head's (N, V) fp32
+        # buffer alone is 400 MB): the quickstart's pretraining steps took 18.5 -> 15.5 s (BENCHMARKS.md).
+        tune_cpu_allocator()
         if cpu_threads > 0:
             torch.set_num_threads(cpu_threads)
         else:
