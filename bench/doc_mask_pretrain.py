@@ -1,7 +1,7 @@
 """What pretrain.py --doc_mask=true changes, measured small: validation loss after the same steps, and speed.
 
     python bench/doc_mask_pretrain.py                  # gpt2-mini, windows of 256, micro-batch 8, 150 steps
-    python bench/doc_mask_pretrain.py --steps 300 --corpora dialogues
+    python bench/doc_mask_pretrain.py --corpora dialogues --model_type gpt2-tiny --seq_len 128 --steps 100
 
 Two pretraining corpora built with the repo's own scripts from the sample corpora (make_sample_corpora.py):
 - "books": Shakespeare's plays and the books of the King James Bible: long documents (tens of thousands
@@ -98,6 +98,7 @@ def speed(model, data_dir, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpora", default="books,dialogues")
+    p.add_argument("--model_type", default="gpt2-mini", help="a small preset of models/gpt2.py")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
@@ -114,7 +115,7 @@ def main():
         for doc_mask in (False, True):
             run = os.path.join(work, f"{name}_{int(doc_mask)}")
             t0 = time.perf_counter()
-            script("pretrain.py", "--model_type=gpt2-mini", f"--max_seq_length={args.seq_len}",
+            script("pretrain.py", f"--model_type={args.model_type}", f"--max_seq_length={args.seq_len}",
                    f"--data_dir={data_dir}", f"--micro_batch_size={args.batch_size}",
                    f"--max_train_iters={args.steps}", "--max_lr=1e-3",
                    "--min_lr=1e-4", "--warmup_steps=20", "--eval_interval=0", "--eval_iters=2", "--device=cpu",
@@ -127,7 +128,7 @@ def main():
         plain_s, masked_s, eots = speed(models[False], data_dir, args)
         rows.append((name, scores, plain_s, masked_s, eots))
 
-    print(f"\n### gpt2-mini, windows of {args.seq_len}, micro-batch {args.batch_size}, {args.steps} steps; "
+    print(f"\n### {args.model_type}, windows of {args.seq_len}, micro-batch {args.batch_size}, {args.steps} steps; "
           f"val loss over {args.eval_batches} x {args.batch_size} windows\n")
     print("| corpus | documents starting per window | trained | val loss, scored plain | val loss, scored "
           "doc-masked | step s plain | step s doc-masked |")
