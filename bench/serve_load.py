@@ -5,7 +5,9 @@ in requests and time.
     python bench/serve_load.py --checkpoint out/finetune/final --clients 16 --requests 4 --max_tokens 64
 
 Starts `serve.py` as a user would (a subprocess on 127.0.0.1, a free port), then:
-1. asks every prompt once, alone and not streamed, greedy: the expected text of each;
+1. asks every prompt once, alone and not streamed, greedy: the expected text of each; alternating
+   with the same generation in this process by `utils.generation.streaming.Streamer` (no server),
+   which must give the same text: the two rates show what the server adds;
 2. lets N clients loose at once, each streaming its own prompts one after another (greedy, the
    same max_tokens), and checks every streamed text against its prompt's expected text: a failed
    request or a text that is not its own ("mixed up") is counted and makes the run fail.
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +75,27 @@ def start_server(checkpoint, max_queue, threads):
     raise SystemExit("serve_load.py: error: serve.py did not start")
 
 
+def direct_generator(checkpoint, max_tokens):
+    """prompt -> (text, new tokens, seconds) greedy, with the generation code in this process."""
+    sys.path.insert(0, REPO)
+    from types import SimpleNamespace
+
+    import torch
+
+    from utils.generation.loading import load_for_generation
+    from utils.generation.streaming import Streamer
+    from utils.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    streamer = Streamer(load_for_generation(checkpoint), SimpleNamespace(
+        temperature=0.0, top_k=200, top_p=1.0, repetition_penalty=1.0, max_new_tokens=max_tokens, seed=0,
+        dtype="float32"), torch.device("cpu"))
+
+    def generate(prompt):
+        r = streamer.run(enc.encode(prompt, allowed_special={"<|endoftext|>"}))
+        return r.text, len(r.new_ids), r.seconds
+    return generate
+
+
 def stream_one(client, model, prompt, max_tokens):
     """(text, completion tokens, ttft s, total s) of one streamed greedy completion."""
     t0 = time.perf_counter()
@@ -112,8 +136,21 @@ def main():
             n = args.clients * args.requests
             prompts = [f"{SUBJECTS[i % len(SUBJECTS)]} {VERBS[i % len(VERBS)]} the {OBJECTS[i % len(OBJECTS)]}"
                        for i in range(n)]
-            expected = [client.completions.create(model=model, prompt=q, max_tokens=args.max_tokens,
-                                                  temperature=0).choices[0].text for q in prompts]
+            # Phase 1, alternating per prompt: in this process with the generation code itself (no
+            # server), then through the server alone; the texts must agree, the rates show the overhead.
+            direct = direct_generator(checkpoint, args.max_tokens)
+            expected, rates = [], {"direct": [], "server": []}
+            direct("Warm up")  # first calls allocate and fill caches: not timed
+            client.completions.create(model=model, prompt="Warm up", max_tokens=args.max_tokens, temperature=0)
+            for q in prompts:
+                text, n_direct, seconds = direct(q)
+                rates["direct"].append(n_direct / seconds)
+                t0 = time.perf_counter()
+                r = client.completions.create(model=model, prompt=q, max_tokens=args.max_tokens, temperature=0)
+                rates["server"].append(r.usage.completion_tokens / (time.perf_counter() - t0))
+                if r.choices[0].text != text:
+                    raise SystemExit(f"serve_load.py: the server's greedy text for {q!r} differs from Streamer's")
+                expected.append(text)
             distinct = len(set(expected))
 
             results, failures = [], []
@@ -151,6 +188,8 @@ def main():
         "clients": args.clients, "requests": n, "completed": len(results), "failed_or_mixed_up": len(failures),
         "distinct_expected_texts": distinct, "load_average_1min": round(load, 2),
         "max_tokens": args.max_tokens, "wall_s": round(wall, 2),
+        "alone_tokens_per_s_direct_median": round(statistics.median(rates["direct"]), 1),
+        "alone_tokens_per_s_server_median": round(statistics.median(rates["server"]), 1),
         "requests_per_s": round(len(results) / wall, 3),
         "tokens_per_s_total": round(sum(r[2] for r in results) / wall, 1),
         "ttft_s_p50": round(percentile(ttft, 0.5), 3) if ttft else None,

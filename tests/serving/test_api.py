@@ -61,6 +61,7 @@ def test_models_and_health(client, server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow  # runs the generation script in a subprocess
 def test_greedy_chat_answer_equals_generate_finetuned(client, tiny_ckpt):
     question, context = "What colour is the boat?", "The boat is green."
     expected = script("generate_finetuned.py", "--checkpoint", tiny_ckpt,
@@ -74,6 +75,7 @@ def test_greedy_chat_answer_equals_generate_finetuned(client, tiny_ckpt):
         assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (n_prompt, 24, n_prompt + 24)
 
 
+@pytest.mark.slow  # runs the generation script in a subprocess
 def test_multi_turn_equals_generate_finetuned_stdin(client, tiny_ckpt):
     """generate_finetuned.py keeps earlier turns in the prompt; the chat messages say the same turns."""
     q1, q2 = "Who wrote the letter?", "And who read it?"
@@ -86,6 +88,7 @@ def test_multi_turn_equals_generate_finetuned_stdin(client, tiny_ckpt):
     assert usage.prompt_tokens == len(enc.encode_ordinary(format_prompt(q2, None, [(q1, a1)])))
 
 
+@pytest.mark.slow  # runs the generation script in a subprocess
 def test_greedy_completion_equals_generate_pretrained(client, tiny_ckpt):
     prompt = "The king sees the river"
     out = script("generate_pretrained.py", "--checkpoint", tiny_ckpt, "--prompt", prompt,
@@ -111,6 +114,7 @@ def test_stop_strings_cut_the_text(client):
         assert usage.completion_tokens < 30
 
 
+@pytest.mark.slow  # runs the generation script in a subprocess
 def test_seed_reproduces_generate_finetuned(client, tiny_ckpt):
     question = "Where is the ship?"
     expected = script("generate_finetuned.py", "--checkpoint", tiny_ckpt, "--question", question,

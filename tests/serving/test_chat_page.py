@@ -24,7 +24,7 @@ def browser():
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,720"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
@@ -59,7 +59,7 @@ def test_the_page_streams_the_same_answer_as_the_api(browser, live_server, tiny_
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     open_page(browser, server, max_tokens=24)
 
-    q1, q2 = "What colour is the apple?", "And the car?"
+    q1, q2 = "What colour is the apple?", "And the car?"  # each answer: 24 tokens (max_tokens)
     a1 = ask(browser, q1)
     WebDriverWait(browser, 120).until(lambda b: a1.get_attribute("data-done") == "true")
     expected1 = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q1}],
@@ -75,6 +75,23 @@ def test_the_page_streams_the_same_answer_as_the_api(browser, live_server, tiny_
                   {"role": "user", "content": q2}]).choices[0].message.content
     assert a2.text == expected2
     assert "24 new tokens" in browser.find_element(By.ID, "stats").text
+
+    # A third, long question no longer fits the 128-token context with 24 new tokens: the page leaves
+    # out the oldest question and answer (as generate_finetuned.py does) and says so.
+    q3 = ("Tell me, please, in as few words as you can manage, what colour the old wooden door at the end "
+          "of the long road near the river is painted this year?")
+    a3 = ask(browser, q3)
+    WebDriverWait(browser, 120).until(lambda b: a3.get_attribute("data-done") == "true")
+    expected3 = client.chat.completions.create(
+        model="tiny", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": q2}, {"role": "assistant", "content": expected2},
+                  {"role": "user", "content": q3}]).choices[0].message.content
+    assert a3.text == expected3 and a3.get_attribute("data-dropped") == "1"
+    with pytest.raises(openai.BadRequestError):  # the whole conversation would not have fitted
+        client.chat.completions.create(model="tiny", max_tokens=24, messages=[
+            {"role": "user", "content": q1}, {"role": "assistant", "content": expected1},
+            {"role": "user", "content": q2}, {"role": "assistant", "content": expected2},
+            {"role": "user", "content": q3}])
 
     shot = os.environ.get("MINIGPT_SCREENSHOT") or str(tmp_path / "chat.png")
     assert browser.save_screenshot(shot) and os.path.getsize(shot) > 10_000

@@ -48,6 +48,7 @@ USER = [{"role": "user", "content": "Hi"}]
     ({"messages": USER, "logprobs": True}, "logprobs"),
     ({"messages": USER, "seed": 2 ** 70}, "seed"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": USER, "stream": True, "max_tokens": 1000}, "max_tokens"),  # a JSON 400, not a stream
 ])
 def test_bad_chat_requests_are_400(server, body, param):
     message = assert_error(post(server, "/v1/chat/completions", body), 400, param)
@@ -61,6 +62,11 @@ def test_bad_json_is_400_and_any_content_type_is_read_as_json(server):
     # curl -d sends application/x-www-form-urlencoded: the body is still the JSON request
     r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 2}',
                    headers={"Authorization": "Bearer sesame", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_fields_the_api_does_not_define_are_ignored(server):
+    r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2, "vendor_extra": {"x": [1]}})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 

@@ -11,6 +11,8 @@ import time
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # launches serve.py in subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -45,8 +45,15 @@ function requestBody() {
   };
 }
 
-async function errorText(response) {
-  try { return (await response.json()).error.message; } catch { return response.status + " " + response.statusText; }
+async function errorBody(response) {
+  try { return (await response.json()).error; } catch { return { message: response.status + " " + response.statusText }; }
+}
+
+function addNote(message, text, before) {
+  const note = document.createElement("span");
+  note.className = "meta";
+  note.textContent = text;
+  before ? message.before(note) : message.appendChild(note);
 }
 
 // Server-sent events: "data: {json}\n\n" blocks, ended by "data: [DONE]".
@@ -82,9 +89,24 @@ async function ask(question) {
   controller = new AbortController();
   setBusy(true);
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal });
-    if (!response.ok) throw new Error(await errorText(response));
+    let response, dropped = 0;
+    for (;;) {
+      response = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal });
+      const error = response.ok ? null : await errorBody(response);
+      // Too long for the context: drop the oldest question and answer, as generate_finetuned.py does.
+      if (error && error.code === "context_length_exceeded" && history.length > 1) {
+        history.splice(0, 2);
+        dropped += 1;
+        continue;
+      }
+      if (error) throw new Error(error.message);
+      break;
+    }
+    if (dropped) {
+      answer.dataset.dropped = String(dropped);
+      addNote(answer, `(the ${dropped} oldest turn(s) were left out to fit the context)`, true);
+    }
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) usage = chunk.usage;
@@ -107,10 +129,7 @@ async function ask(question) {
     if (e.name === "AbortError") {  // stopped: the partial answer stays in the conversation
       history.push({ role: "assistant", content: text });
       answer.dataset.done = "stopped";
-      const meta = document.createElement("span");
-      meta.className = "meta";
-      meta.textContent = "(stopped)";
-      answer.appendChild(meta);
+      addNote(answer, "(stopped)", false);
     } else {
       history.pop();  // the question was not answered: leave it out of the next prompt
       if (!text) answer.remove();
