@@ -58,6 +58,17 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def timed(f, device):
+    """f() and its wall time, the GPU's queue drained on both sides."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = f()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 def make_rows(names, hf, ours, idx, n):
     # min_new_tokens: never stop early at eos; pad_token_id set only to silence the "no pad token" notice.
     hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=EOT_TOKEN)
@@ -95,6 +106,7 @@ def main():
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up each (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     args = p.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -104,17 +116,16 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     hf, ours = build(args.config)
+    hf, ours = hf.to(args.device), ours.to(args.device)
     assert args.prompt_len + args.new_tokens <= ours.config.block_size, "keep the run inside one context window"
-    idx = torch.randint(0, 50257, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 50257, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(args.device)
     n = args.new_tokens
     runs = make_rows(names, hf, ours, idx, n)
     times = {name: [] for name in runs}
     startup, outs = {}, {}
     with torch.inference_mode():
         for name, f in runs.items():  # warm-up: the first call compiles where a row compiles
-            t0 = time.perf_counter()
-            outs[name] = f()
-            startup[name] = time.perf_counter() - t0
+            outs[name], startup[name] = timed(f, args.device)
             print(f"# warm-up {name}: {startup[name]:.1f} s", file=sys.stderr, flush=True)
         base = outs["transformers generate"]
         for name in EXACT:
@@ -123,12 +134,12 @@ def main():
         order = list(runs)
         for r in range(args.repeats):
             for name in order[r % len(order):] + order[: r % len(order)]:
-                t0 = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(runs[name], args.device)[1])
 
     print(f"# {args.config}, batch 1, prompt {args.prompt_len}, {n} new tokens, greedy, "
           f"{args.repeats} repeats interleaved")
+    if args.device == "cuda":
+        print(f"# {torch.cuda.get_device_name()}")
     print(f"# {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at the end, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")

@@ -59,7 +59,7 @@ def test_int8_linear_equals_hand_computation():
 def dequantised_reference(model):
     """An fp32 model whose Linear weights (and LM head) are W_int8 * scale, computed here by hand."""
     ref = copy.deepcopy(model)
-    for name, m in ref.named_modules():
+    for m in ref.modules():
         if isinstance(m, torch.nn.Linear):
             w = m.weight.detach()
             scale = w.abs().amax(dim=1, keepdim=True) / 127
@@ -207,3 +207,74 @@ def test_stream_tokens_equals_generate():
         prompt = [464, 3290, 318]
         full = m.generate([prompt], 30, temperature=0)[0][3:]
         assert list(stream_tokens(m, prompt, 30, stop_tokens=(), temperature=0)) == full
+
+
+# ------------------------------------------------------------------------------- the scripts' flags
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from utils.checkpoints.model import save_model
+    path = tmp_path_factory.mktemp("decode") / "tiny"
+    save_model(tiny(block_size=128), path)
+    return path
+
+
+def run_script(module, capfd, *args):
+    from utils.cli import run
+    code = 0
+    try:
+        run(module.PROG, module.main, [*map(str, args), "--dtype", "float32", "--device", "cpu"])
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_pretrained_flags_say_their_choice_and_decode_as_the_api(ckpt, capfd):
+    import generate_pretrained
+    from utils.checkpoints.model import load_model
+    from utils.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    prompt = "The cat sat on the mat. The cat sat on the"
+    rc, out, err = run_script(generate_pretrained, capfd, "--checkpoint", ckpt, "--prompt", prompt, "--temperature", 0,
+                              "--max_new_tokens", 24, "--quantize", "int8", "--speculate", "lookup", "--ignore_eot")
+    assert rc == 0, err
+    lines = err.strip().splitlines()
+    assert any(line.startswith("quantize: int8 weight-only") for line in lines)
+    assert "compile: off (eager)" in lines and any(line.startswith("speculate: prompt lookup") for line in lines)
+    assert lines[-1].startswith("total: 24 new tokens in ") and lines[-1].endswith("tokens/s")
+    assert any(line.startswith("speculation: ") for line in lines)
+    ids = enc.encode(prompt)
+    int8 = prepare_for_decode(load_model(ckpt), quantize="int8")
+    assert out == enc.decode(int8.generate([ids], 24, temperature=0)[0]) + "\n"
+
+
+def test_finetuned_last_line_and_speculation_needs_greedy(ckpt, capfd):
+    import generate_finetuned
+    rc, out, err = run_script(generate_finetuned, capfd, "--checkpoint", ckpt, "--question", "Hi?", "--temperature", 0,
+                              "--max_new_tokens", 6)
+    assert rc == 0, err
+    assert "quantize: none (float32 weights)" in err and "speculate: none" in err
+    assert err.strip().splitlines()[-1].startswith("total: ")
+    rc, out, err = run_script(generate_finetuned, capfd, "--checkpoint", ckpt, "--question", "Hi?",
+                              "--speculate", "lookup")
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip() == ("generate_finetuned.py: error: --speculate lookup gives exactly greedy decoding's tokens: "
+                           "it needs --temperature 0 and no --repetition_penalty (got --temperature 0.8, "
+                           "--repetition_penalty 1)")
+
+
+def test_evaluate_quantize_int8_scores_the_int8_weights(ckpt, tmp_path, write_pretrain_data):
+    import json
+
+    import evaluate
+    from utils.checkpoints.model import load_model
+    from utils.evaluation.run import val_loss
+    write_pretrain_data(tmp_path / "data", n_docs=200)
+    out = tmp_path / "r.json"
+    evaluate.main(["--checkpoint", str(ckpt), "--tasks", "val_loss", "--limit", "2", "--val_data",
+                   str(tmp_path / "data"), "--quantize", "int8", "--output", str(out), "--device", "cpu"])
+    got = json.loads(out.read_text())
+    assert got["quantize"] == "int8"
+    ref = val_loss(dequantised_reference(load_model(ckpt).eval()), str(tmp_path / "data"), limit=2)
+    assert got["results"]["val_loss"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
