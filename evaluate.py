@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--val_data", metavar="PATH", help="built pretraining dataset dir (or its val.bin) for val_loss")
     p.add_argument("--batch_size", type=int, default=32, metavar="B",
                    help="rows per forward: contexts, then their packed continuations (default 32)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: score the model with int8 weight-only Linear layers and LM head, per-output-channel "
+                        "scales, as generate_*.py --quantize int8 decodes with (docs/decoding.md)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda if available, else cpu")
@@ -90,7 +93,12 @@ def load(args, device):
             from utils.checkpoints.adapter import attach_adapter
             model, _ = attach_adapter(model, args.lora, base_dir=args.checkpoint)
     model.requires_grad_(False)
-    return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    if args.quantize == "int8":
+        from utils.generation.quantize import quantize_int8
+        # "dequant": the int8 weights times their scales in the activations' dtype, exactly, at any batch size
+        quantize_int8(model, kernel="dequant")
+    return model
 
 
 def table(results):
@@ -126,7 +134,7 @@ def main(argv=None):
             if args.output:
                 out = {"results": results, "checkpoint": args.checkpoint or args.hf_dir, "lora": args.lora,
                        "seconds": round(seconds, 2), "world_size": info.world_size, "batch_size": args.batch_size,
-                       "dtype": args.dtype}
+                       "dtype": args.dtype, "quantize": args.quantize}
                 with atomic_file(args.output) as f:
                     json.dump(out, f, indent=2)
                 log(f"wrote {args.output}")

@@ -16,9 +16,27 @@ import argparse
 import sys
 
 from utils.cli import UsageError, log, run
-from utils.generation.args import add_model_args, add_sampling_args, check_args, check_model_dirs, resolve_dtype
+from utils.generation.args import (
+    add_decode_args,
+    add_model_args,
+    add_sampling_args,
+    check_args,
+    check_decode_args,
+    check_model_dirs,
+    prepare_decoder,
+    resolve_dtype,
+)
 from utils.generation.loading import load_for_generation
-from utils.generation.streaming import AnswerStream, Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
+from utils.generation.streaming import (
+    AnswerStream,
+    Streamer,
+    Totals,
+    emit,
+    prompt_budget,
+    setup_stdout,
+    summary,
+    truncate_left,
+)
 from utils.hardware import resolve_device
 from utils.prompt_template import format_prompt
 from utils.tokenizer import get_tokenizer
@@ -33,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--question", metavar="TEXT", help="the question; without it, questions are read from stdin")
     p.add_argument("--context", metavar="TEXT", help="optional context the question is about")
     add_sampling_args(p, max_new_tokens=128)
+    add_decode_args(p)
     return p.parse_args(argv)
 
 
@@ -49,7 +68,7 @@ def fit_prompt(enc, question, context, history, budget):
     return truncate_left(ids, budget, what="the prompt (question and context)")
 
 
-def answer(streamer, enc, question, context, history, budget):
+def answer(streamer, enc, question, context, history, budget, totals):
     ids = fit_prompt(enc, question, context, history, budget)
     stream = AnswerStream()
 
@@ -61,6 +80,7 @@ def answer(streamer, enc, question, context, history, budget):
     result = streamer.run(ids, on_text)
     emit(stream.finish() + "\n")
     summary(result)
+    totals.add(result)
     return stream.answer
 
 
@@ -68,17 +88,21 @@ def main(argv=None):
     setup_stdout()
     args = parse_args(argv)
     check_args(args)
+    check_decode_args(args)
     if args.question is not None and not args.question.strip():
         raise UsageError("--question is empty")
     device = resolve_device(args.device)
     check_model_dirs(args)  # every input checked before the first line is printed
     args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, lora=args.lora, device=device, dtype=args.dtype)
+    model = prepare_decoder(model, args)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device)
     budget = prompt_budget(model.config.block_size, args.max_new_tokens)
+    totals = Totals()
     if args.question is not None:
-        answer(streamer, enc, args.question, args.context, [], budget)
+        answer(streamer, enc, args.question, args.context, [], budget, totals)
+        totals.report(model)
         return
     history, interactive = [], sys.stdin.isatty()
     while True:
@@ -89,7 +113,8 @@ def main(argv=None):
             break
         question = line.strip()
         if question:
-            history.append((question, answer(streamer, enc, question, args.context, history, budget)))
+            history.append((question, answer(streamer, enc, question, args.context, history, budget, totals)))
+    totals.report(model)
 
 
 if __name__ == "__main__":

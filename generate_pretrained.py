@@ -13,9 +13,18 @@ left-truncated (kept: its last block_size - max_new_tokens tokens, at least half
 import argparse
 
 from utils.cli import UsageError, run
-from utils.generation.args import add_model_args, add_sampling_args, check_args, check_model_dirs, resolve_dtype
+from utils.generation.args import (
+    add_decode_args,
+    add_model_args,
+    add_sampling_args,
+    check_args,
+    check_decode_args,
+    check_model_dirs,
+    prepare_decoder,
+    resolve_dtype,
+)
 from utils.generation.loading import load_for_generation
-from utils.generation.streaming import Streamer, emit, prompt_budget, setup_stdout, summary, truncate_left
+from utils.generation.streaming import Streamer, Totals, emit, prompt_budget, setup_stdout, summary, truncate_left
 from utils.hardware import resolve_device
 from utils.tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -30,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_file", action="append", default=[], metavar="PATH",
                    help="a file whose whole text is one prompt (repeatable; '-' = stdin)")
     add_sampling_args(p, max_new_tokens=200)
+    add_decode_args(p)
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|> instead of stopping there")
     return p.parse_args(argv)
 
@@ -56,14 +66,17 @@ def main(argv=None):
     setup_stdout()
     args = parse_args(argv)
     check_args(args)
+    check_decode_args(args)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
     check_model_dirs(args)  # every input checked before the first line is printed
     args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, device=device, dtype=args.dtype)
+    model = prepare_decoder(model, args)
     enc = get_tokenizer()
     streamer = Streamer(model, args, device, stop_tokens=() if args.ignore_eot else (EOT_TOKEN,))
     budget = prompt_budget(model.config.block_size, args.max_new_tokens)
+    totals = Totals()
     for i, text in enumerate(prompts):
         if i:
             emit("\n" + "-" * 40 + "\n")
@@ -73,6 +86,8 @@ def main(argv=None):
         result = streamer.run(ids, on_text=emit)
         emit("\n")
         summary(result, label)
+        totals.add(result)
+    totals.report(model)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
 # (block 1024) against transformers on the same GPU: tokens/s, MFU against the measured matmul peak and
 # against the GPU's datasheet bf16 peak; then packed fine-tuning (flex attention, block-sparse document mask)
 # against padded batches: target tokens/s and padding on the sample chat set and an instruction set with
-# a few long contexts (bench/packing_throughput.py; the GPU tests above check flex attention's exactness).
+# a few long contexts (bench/packing_throughput.py; the GPU tests above check flex attention's exactness);
+# then batch-1 decoding of gpt2 124M (prompt 16, 256 new tokens, greedy):
+# ours through prepare_for_decode (int8 weights, static cache, torch.compile with CUDA graphs) against
+# transformers eager fp32 / bf16 / static cache + compile (gpt-fast's GPU figures are the anchor: docs/decoding.md).
 #     bash bench/gpu.sh              # PYTHON=/path/to/python to choose the interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +20,6 @@ $PY bench/train_throughput.py --device cuda --config gpt2 --batch_size 8 --dtype
     --repeats 3 --steps 5
 $PY bench/packing_throughput.py --device cuda --dtype bf16 --seq_len 1024 --examples 2048 --batch_size 8 \
     --repeats 3
+$PY bench/generate_throughput.py --device cuda --config gpt2 --repeats 5
+$PY bench/generate_throughput.py --device cuda --config gpt2-xl --new_tokens 128 --repeats 3 \
+    --rows "transformers generate,transformers bf16,transformers static cache + compile,ours compile,ours int8 + compile"

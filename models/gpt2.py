@@ -179,6 +179,50 @@ class KVCache:
     def advance(self, T):
         self.length += T
 
+    def logit_positions(self, x):
+        return x[:, -1:]  # (B, 1, C): the next token's
+
+
+class StaticKVCache:
+    """Keys and values in fixed-size buffers, written at given positions: the compiled decoder's cache.
+
+    Every step has the same shapes whatever the position (the mask, not the buffer, grows), so one
+    compiled step serves every token. Buffers are zero-filled once: a masked key must still be finite
+    (softmax gives it weight 0, and 0 * NaN would be NaN). Positions past the current one may hold
+    stale values; each forward writes its own positions before attending, so they are never read.
+    `pos` (T,) are the positions of the T tokens; `logit_index` which of the T positions get logits.
+    """
+
+    def __init__(self, k, v, pos, logit_index):
+        self.k, self.v = k, v  # (n_layer, B, nh, L, hs) each
+        self.pos, self.logit_index = pos, logit_index
+        L = k.size(3)
+        self.attn_mask = (torch.arange(L, device=k.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, T, L)
+        self.layer = 0
+
+    @staticmethod
+    def buffers(config, batch_size, length, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, length, hs)
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+    def begin(self, valid):
+        self.layer = 0
+        return self.pos[None]  # (1, T) position ids
+
+    def update(self, k, v):
+        k_all, v_all = self.k[self.layer], self.v[self.layer]  # (B, nh, L, hs) views into the buffers
+        k_all.index_copy_(2, self.pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, self.pos, v.to(v_all.dtype))
+        self.layer += 1
+        return k_all, v_all
+
+    def advance(self, T):
+        pass
+
+    def logit_positions(self, x):
+        return x.index_select(1, self.logit_index)  # (B, len(logit_index), C)
+
 
 def _diag(T, L, device):
     """(T, L) bool with True where query i (the last T of L positions) meets its own key."""
@@ -257,7 +301,7 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, cache, docs)
         if cache is not None:
             cache.advance(T)
-            x = x[:, -1:]  # generation reads only the last position's logits: no lm_head over the prompt
+            x = cache.logit_positions(x)  # only the positions generation samples from: no lm_head over the prompt
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits and reduction in ("mean", "sum"):
             loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, reduction)
@@ -273,7 +317,8 @@ class GPT2LMHeadModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, callback=None):
+                 repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, callback=None,
+                 speculate=None):
         """Continue `idx` by up to `max_new_tokens` tokens; returns prompt and new tokens together.
 
         idx: a (B, T) LongTensor of equal-length prompts -> (B, T + n) tensor, rows that stopped
@@ -282,68 +327,123 @@ class GPT2LMHeadModel(nn.Module):
         temperature 0 is greedy. Past `block_size` the model sees the last `block_size` tokens,
         exactly as if the whole window were recomputed each step.
         callback: called with each step's (B,) new tokens (for streaming); returning True stops.
+        speculate: "lookup" drafts tokens from earlier text (prompt lookup) and checks them in one
+        forward; greedy, batch 1, and the same tokens as without it. None: what prepare_for_decode set.
+        """
+        ragged = not torch.is_tensor(idx)
+        seq, valid, lengths = self._prompt_batch(idx)
+        new = []
+        for next_token in self.generate_tokens(seq, valid, max_new_tokens, temperature, top_k, top_p,
+                                               repetition_penalty, stop_tokens, generator, use_cache, speculate):
+            new.append(next_token)
+            if callback is not None and callback(next_token):
+                break
+        seq = torch.cat([seq, *(t[:, None] for t in new)], dim=1)
+        if not ragged:
+            return seq
+        T0 = seq.size(1) - len(new)
+        out = []
+        for i, n in enumerate(lengths):
+            row = seq[i, T0 - n:].tolist()
+            tail = row[n:]
+            for j, t in enumerate(tail):
+                if t in stop_tokens:
+                    tail = tail[: j + 1]
+                    break
+            out.append(row[:n] + tail)
+        return out
+
+    def _prompt_batch(self, idx):
+        """A (B, T) tensor or ragged lists -> (seq (B, T0) left-padded, valid (B, T0) bool or None, lengths)."""
+        device = self.transformer.wte.weight.device
+        if torch.is_tensor(idx):
+            if idx.dim() != 2 or idx.size(1) == 0:
+                raise ValueError("idx must be a (batch, time) tensor with at least one token")
+            return idx.to(device), None, None
+        if not idx or any(len(p) == 0 for p in idx):
+            raise ValueError("every prompt needs at least one token")
+        lengths = [len(p) for p in idx]
+        T0 = max(lengths)
+        seq = torch.zeros(len(idx), T0, dtype=torch.long, device=device)
+        valid = torch.zeros(len(idx), T0, dtype=torch.bool, device=device)
+        for i, p in enumerate(idx):
+            seq[i, T0 - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            valid[i, T0 - len(p):] = True
+        return seq, (None if all(n == T0 for n in lengths) else valid), lengths
+
+    @torch.no_grad()
+    def generate_tokens(self, seq, valid, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, speculate=None):
+        """Yield each step's (B,) new tokens after the (B, T0) prompts `seq` (`valid`: left padding or None).
+
+        Rows that hit a stop token repeat it until every row has; then the iterator ends. A model
+        prepared by utils.generation.loading.prepare_for_decode decodes equal-length prompts with a
+        static cache (and its compiled steps); otherwise the growing KVCache is used.
         """
         from models.sampling import check_sampling_args, sample_next_token  # keeps this file about the model
         check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-        ragged = not torch.is_tensor(idx)
-        device = self.transformer.wte.weight.device
-        if ragged:
-            if not idx or any(len(p) == 0 for p in idx):
-                raise ValueError("every prompt needs at least one token")
-            lengths = [len(p) for p in idx]
-            T0 = max(lengths)
-            seq = torch.zeros(len(idx), T0, dtype=torch.long, device=device)
-            valid = torch.zeros(len(idx), T0, dtype=torch.bool, device=device)
-            for i, p in enumerate(idx):
-                seq[i, T0 - len(p):] = torch.as_tensor(p, dtype=torch.long)
-                valid[i, T0 - len(p):] = True
-            if all(n == T0 for n in lengths):
-                valid = None
-        else:
-            if idx.dim() != 2 or idx.size(1) == 0:
-                raise ValueError("idx must be a (batch, time) tensor with at least one token")
-            seq, valid = idx.to(device), None
-        B = seq.size(0)
+        plan = getattr(self, "decode_plan", None)
+        speculate = speculate if speculate is not None else (plan or {}).get("speculate")
+        if speculate not in (None, "none", "lookup"):
+            raise ValueError(f"speculate must be None, 'none' or 'lookup', got {speculate!r}")
+        speculate = speculate == "lookup"
+        if speculate and (temperature != 0 or repetition_penalty != 1.0 or seq.size(0) != 1 or valid is not None):
+            raise ValueError("speculate='lookup' needs greedy decoding (temperature 0, no repetition penalty) "
+                             "of a single prompt")
+        B, device = seq.size(0), seq.device
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         was_training = self.training
         self.eval()
+        if plan is not None and use_cache and valid is None:
+            steps = self._static_logits(seq, max_new_tokens, plan, speculate)
+        else:
+            steps = self._dynamic_logits(seq, valid, use_cache)
+        try:
+            produced = 0
+            logits = next(steps)
+            while produced < max_new_tokens:
+                if torch.is_tensor(logits):
+                    logits = logits[:, -1, :].float()
+                    next_token = sample_next_token(logits, seq, valid, temperature, top_k, top_p, repetition_penalty,
+                                                   generator)
+                    drafted = [next_token]
+                else:  # speculation: the tokens greedy decoding gives, several at once
+                    drafted = [torch.tensor([t], device=device) for t in logits]
+                for next_token in drafted[: max_new_tokens - produced]:
+                    if stop.numel():
+                        next_token = torch.where(finished, seq[:, -1], next_token)  # finished rows repeat their stop
+                        finished |= torch.isin(next_token, stop)
+                    seq = torch.cat([seq, next_token[:, None]], dim=1)
+                    if valid is not None:
+                        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+                    produced += 1
+                    yield next_token
+                    if stop.numel() and bool(finished.all()):
+                        return
+                if produced < max_new_tokens:
+                    logits = steps.send(seq)
+        finally:
+            steps.close()
+            self.train(was_training)
+
+    def _dynamic_logits(self, seq, valid, use_cache):
+        """A coroutine: yields (B, 1, V) logits for the next token; is sent the sequence grown by it."""
         cache = None
         window = self.config.block_size
-        for _ in range(max_new_tokens):
+        while True:
             if not use_cache:
                 logits, _ = self(seq[:, -window:]) if valid is None else self._forward_window(seq, valid, window, None)
             elif cache is None or cache.length >= window:
                 # (Re)fill the cache from the last `window` tokens; positions restart at the window's first real token.
-                cache = KVCache(self.config, B, device, self.transformer.wte.weight.dtype)
+                cache = KVCache(self.config, seq.size(0), seq.device, self.transformer.wte.weight.dtype)
                 logits, _ = self._forward_window(seq, valid, window, cache)
             else:
                 logits, _ = self(seq[:, -1:], cache=cache, valid=None if valid is None else valid[:, -1:])
-            logits = logits[:, -1, :].float()
-            next_token = sample_next_token(logits, seq, valid, temperature, top_k, top_p, repetition_penalty, generator)
-            if stop.numel():
-                next_token = torch.where(finished, seq[:, -1], next_token)  # finished rows repeat their stop token
-                finished |= torch.isin(next_token, stop)
-            seq = torch.cat([seq, next_token[:, None]], dim=1)
+            new_seq = yield logits
             if valid is not None:
-                valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-            if callback is not None and callback(next_token):
-                break
-            if stop.numel() and bool(finished.all()):
-                break
-        self.train(was_training)
-        if not ragged:
-            return seq
-        out = []
-        for i, n in enumerate(lengths):
-            row = seq[i, T0 - n:].tolist()
-            new = row[n:]
-            for j, t in enumerate(new):
-                if t in stop_tokens:
-                    new = new[: j + 1]
-                    break
-            out.append(row[:n] + new)
-        return out
+                valid = torch.cat([valid, torch.ones_like(valid[:, -1:])], dim=1)
+            seq = new_seq
 
     def _forward_window(self, seq, valid, window, cache):
         ctx = seq[:, -window:]
@@ -351,3 +451,119 @@ class GPT2LMHeadModel(nn.Module):
         if cache is None:  # no-cache reference path with padding: a throwaway cache does the masking
             cache = KVCache(self.config, seq.size(0), seq.device, self.transformer.wte.weight.dtype)
         return self(ctx, cache=cache, valid=ctx_valid)
+
+    # ------------------------------------------------------------------------- the static-cache decoder
+
+    def forward_static(self, idx, pos, logit_index, k, v):
+        """idx (B, T) at positions pos (T,) into the static cache buffers k, v -> logits (B, len(logit_index), V).
+
+        The one function prepare_for_decode compiles (prefill, decode step and speculative check are
+        its three shapes); every argument is a tensor, so nothing about a position is baked into it.
+        """
+        logits, _ = self(idx, cache=StaticKVCache(k, v, pos, logit_index))
+        return logits
+
+    def _static_logits(self, seq, max_new_tokens, plan, speculate):
+        """The coroutine of _dynamic_logits on a static cache: fixed shapes, so a compiled step is reused.
+
+        The cache holds a power-of-two bucket of positions (prompt + new tokens, at most block_size),
+        and prompts are right-padded to a power-of-two bucket: a handful of shapes in all, never one
+        per token or per prompt length. Right padding is exact: a padded position is causal-masked from
+        the real ones and overwritten by the decode step that reaches it before anyone attends to it.
+        With `speculate`, yields lists of tokens (see _speculate).
+        """
+        B, T0 = seq.shape
+        window = self.config.block_size
+        L = _bucket(min(T0 + max_new_tokens, window), window)
+        k, v = plan["cache"](self, B, L)
+        prefill, step = plan["prefill"], plan["step"]
+        device = seq.device
+
+        def fill(seq):
+            ctx = seq[:, -L:]
+            n = ctx.size(1)
+            P = _bucket(max(n, 16), L)
+            padded = torch.nn.functional.pad(ctx, (0, P - n))
+            pos = torch.arange(P, device=device)
+            return prefill(padded, pos, torch.tensor([n - 1], device=device), k, v), n
+
+        logits, cur = fill(seq)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        if speculate:
+            yield from self._speculate(seq, logits, cur, L, k, v, plan)
+            return
+        while True:
+            seq = yield logits
+            if cur >= L:  # the window is full: recompute it, as the dynamic cache does
+                logits, cur = fill(seq)
+                continue
+            logits = step(_last_token(seq), torch.tensor([cur], device=device), last, k, v)
+            cur += 1
+
+    def _speculate(self, seq, logits, cur, L, k, v, plan, draft_len=8):
+        """Greedy decoding that checks up to `draft_len` drafted tokens per forward (prompt lookup decoding).
+
+        Draft: the tokens that followed the latest earlier occurrence of the sequence's last n-gram
+        (n = 3, 2, 1). Check: one forward of [pending token, draft] gives the greedy token after each;
+        the draft is accepted up to its first disagreement, plus the model's own token there. So the
+        output is plain greedy decoding's (up to float rounding of a 9-row vs 1-row matmul on exact ties).
+        Yields lists of new tokens; is sent the grown sequence. Counts go to plan["stats"].
+        """
+        device = seq.device
+        stats = plan.setdefault("stats", {"forwards": 0, "drafted": 0, "accepted": 0})
+        tokens = seq[0].tolist()
+        pending = int(logits[0, -1].float().argmax())
+        all_index = torch.arange(draft_len + 1, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        new = [pending]
+        while True:
+            sent = yield new
+            tokens = sent[0].tolist()
+            draft = lookup_draft(tokens, draft_len)
+            if cur + draft_len + 1 > L:
+                draft = []  # no room for a full check block: plain steps to the end of the cache
+            if cur >= L:
+                plain = plan["prefill"]  # the window is full: recompute it, as plain decoding does
+                ctx = sent[:, -L:]
+                logits = plain(ctx, torch.arange(L, device=device), torch.tensor([L - 1], device=device), k, v)
+                new = [int(logits[0, -1].float().argmax())]
+                cur = L
+                stats["forwards"] += 1
+                continue
+            if not draft:
+                logits = plan["step"](_last_token(sent), torch.tensor([cur], device=device), last, k, v)
+                new, cur = [int(logits[0, -1].float().argmax())], cur + 1
+                stats["forwards"] += 1
+                continue
+            block = [tokens[-1]] + draft + [draft[-1]] * (draft_len - len(draft))
+            logits = plan["verify"](torch.tensor([block], device=device),
+                                    torch.arange(cur, cur + draft_len + 1, device=device), all_index, k, v)
+            greedy = logits[0].float().argmax(-1).tolist()  # greedy[i]: the token after block[i]
+            a = 0
+            while a < len(draft) and draft[a] == greedy[a]:
+                a += 1
+            new, cur = draft[:a] + [greedy[a]], cur + a + 1
+            stats["forwards"] += 1
+            stats["drafted"] += len(draft)
+            stats["accepted"] += a
+
+
+def lookup_draft(tokens, n_draft, max_ngram=3):
+    """Prompt lookup: the up-to-`n_draft` tokens after the latest earlier match of the last n-gram, or []."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest match first, never the tail itself
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + n_draft]
+    return []
+
+
+def _last_token(seq):
+    """(B, 1) last tokens with strides of their own: a view's strides follow seq's length, and a
+    compiled step would be recompiled for every new stride."""
+    return seq[:, -1:].clone(memory_format=torch.contiguous_format)
+
+
+def _bucket(n, cap):
+    """The smallest power of two >= n, at most `cap`."""
+    return min(1 << max(0, (n - 1).bit_length()), cap)

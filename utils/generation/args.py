@@ -65,3 +65,43 @@ def check_args(args):
                          .replace("repetition_penalty ", "--repetition_penalty ")) from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+
+
+def add_decode_args(p: argparse.ArgumentParser):
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: weight-only int8 Linear layers and LM head, one scale per output channel "
+                        "(a quarter of the weight bytes per token; docs/decoding.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder over a static KV cache (first call compiles: tens of seconds "
+                        "on CPU, see docs/decoding.md); CUDA graphs on GPU")
+    p.add_argument("--speculate", default="none", choices=("none", "lookup"),
+                   help="lookup: draft tokens by prompt lookup (n-gram match in the prompt and answer so far) and "
+                        "check them in one forward; greedy only (--temperature 0), same tokens as without it")
+
+
+def check_decode_args(args):
+    if args.speculate != "none" and (args.temperature != 0 or args.repetition_penalty != 1.0):
+        raise UsageError(f"--speculate {args.speculate} gives exactly greedy decoding's tokens: it needs "
+                         f"--temperature 0 and no --repetition_penalty (got --temperature {args.temperature:g}, "
+                         f"--repetition_penalty {args.repetition_penalty:g})")
+
+
+def prepare_decoder(model, args):
+    """prepare_for_decode with the scripts' flags; says each choice on its own line (stderr)."""
+    from utils.generation.loading import prepare_for_decode
+    from utils.generation.quantize import default_kernel
+    device = model.transformer.wte.weight.device
+    if args.quantize == "int8":
+        kernel = default_kernel(device)
+        how = ("int8 kernel torch.ops.aten._weight_int8pack_mm, bf16 activations" if kernel == "int8pack"
+               else "dequantised into the matmul (fused by --compile)")
+        log(f"quantize: int8 weight-only, per-output-channel scales ({how})")
+    else:
+        log(f"quantize: none ({args.dtype} weights)")
+    log("compile: torch.compile over a static KV cache" + (" with CUDA graphs" if device.type == "cuda" else "")
+        + " (the first generation compiles)" if args.compile else "compile: off (eager)")
+    log("speculate: prompt lookup (n-gram drafts, up to 8 tokens per check)" if args.speculate == "lookup"
+        else "speculate: none")
+    if args.quantize == "none" and not args.compile and args.speculate == "none":
+        return model  # the plain decoder (growing KV cache), as before these flags
+    return prepare_for_decode(model, quantize=args.quantize, compile=args.compile, speculate=args.speculate)

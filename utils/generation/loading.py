@@ -36,3 +36,78 @@ def decode_layout(model):
             if isinstance(m, torch.nn.Linear) and m.weight.is_contiguous():  # the tied lm_head/wte: once
                 m.weight.data = m.weight.data.t().contiguous().t()
     return model
+
+
+def prepare_for_decode(model, quantize=None, compile=False, speculate=None):
+    """The model ready for `model.generate(idx, max_new_tokens, temperature=..., top_k=..., top_p=...)`.
+
+    quantize: None / "none", or "int8" (utils/generation/quantize.py: weight-only, per output channel).
+    compile: torch.compile the decoder's forward over a static KV cache, once per shape: the prompt
+      prefill (prompts right-padded to a power-of-two bucket), the one-token step, and the speculative
+      check; on CUDA with CUDA graphs (mode="reduce-overhead"). Nothing recompiles per token or per
+      prompt length within a bucket. Without compile the same static-cache path runs eagerly.
+      True means inductor; a torch.compile backend (a name such as "eager", or a callable) may be given (tests).
+    speculate: None / "none", or "lookup" (prompt-lookup drafting, greedy only) as the default of
+      `generate(..., speculate=...)`.
+    Equal-length prompts take the static path; ragged batches keep the growing cache (same results).
+    The model is put in eval mode, frozen, and changed in place; it is returned.
+    """
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"quantize must be None, 'none' or 'int8', got {quantize!r}")
+    if speculate not in (None, "none", "lookup"):
+        raise ValueError(f"speculate must be None, 'none' or 'lookup', got {speculate!r}")
+    model.eval().requires_grad_(False)
+    if quantize == "int8":
+        from utils.generation.quantize import quantize_int8
+        quantize_int8(model)
+    decode_layout(model)
+    forwards = {name: _forward_fn(model, name) for name in ("prefill", "step", "verify")}
+    device = model.transformer.wte.weight.device
+    if compile:
+        import torch._dynamo.config
+        # One graph per prompt bucket x cache bucket for the prefill: more than dynamo's default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        backend = "inductor" if compile is True else compile
+        mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        forwards = {name: torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+                    for name, fn in forwards.items()}
+    model.decode_plan = dict(forwards, cache=_StaticBuffers(), speculate=None if speculate == "none" else speculate,
+                             quantize=quantize or "none", compile=bool(compile))
+    return model
+
+
+def _forward_fn(model, name):
+    """A distinct function per shape family: dynamo caches compiled graphs per code object, so each
+    family gets its own cache (and its own recompile budget) instead of sharing forward_static's."""
+    if name == "prefill":
+        def prefill(idx, pos, logit_index, k, v):
+            return model.forward_static(idx, pos, logit_index, k, v)
+        return prefill
+    if name == "step":
+        def step(idx, pos, logit_index, k, v):
+            return model.forward_static(idx, pos, logit_index, k, v)
+        return step
+
+    def verify(idx, pos, logit_index, k, v):
+        return model.forward_static(idx, pos, logit_index, k, v)
+    return verify
+
+
+class _StaticBuffers:
+    """The static cache's k, v buffers, kept between calls (same addresses: what CUDA graphs need)."""
+
+    def __init__(self):
+        self.key, self.kv = None, None
+
+    def __call__(self, model, batch_size, length):
+        from models.gpt2 import StaticKVCache
+        key = (batch_size, length)
+        if self.key != key:
+            self.kv = None  # free the old buffers first
+            w = model.transformer.wte.weight
+            self.kv = StaticKVCache.buffers(model.config, batch_size, length, w.device, w.dtype)
+            if w.device.type == "cuda":
+                for t in self.kv:
+                    torch._dynamo.mark_static_address(t)
+            self.key = key
+        return self.kv

@@ -108,26 +108,24 @@ class Streamer:
         self.bf16 = args.dtype == "bfloat16"
         self.stop_tokens = tuple(stop_tokens)
 
+    def tokens(self, prompt_ids):
+        """The new token ids after `prompt_ids`, one at a time, as they are generated (stop token not included)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        yield from stream_tokens(self.model, prompt_ids, self.max_new_tokens, stop_tokens=self.stop_tokens,
+                                 generator=generator, bf16=self.bf16, **self.sampling)
+
     def run(self, prompt_ids, on_text=None) -> Result:
         """Generate after `prompt_ids`; `on_text(piece)` gets each decoded piece and may return True to stop."""
         stream, new_ids, text = Utf8Stream(), [], []
-
-        def on_token(next_token):
-            token = int(next_token[0])
-            if token in self.stop_tokens:
-                return True
+        t0 = time.perf_counter()
+        tokens = self.tokens(prompt_ids)
+        for token in tokens:
             new_ids.append(token)
             piece = stream.push(token)
             text.append(piece)
-            return bool(piece and on_text is not None and on_text(piece))
-
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        t0 = time.perf_counter()
-        with autocast:
-            self.model.generate(idx, self.max_new_tokens, stop_tokens=self.stop_tokens, generator=generator,
-                                callback=on_token, **self.sampling)
+            if piece and on_text is not None and on_text(piece):
+                tokens.close()
+                break
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -137,6 +135,35 @@ class Streamer:
             if on_text is not None:
                 on_text(tail)
         return Result(list(prompt_ids), new_ids, "".join(text), seconds, self.seed)
+
+
+def stream_tokens(model, prompt_ids, max_new_tokens, stop_tokens=(EOT_TOKEN,), generator=None, bf16=False,
+                  **sampling):
+    """Token ids generated after `prompt_ids` (a list), yielded one by one as each is decided.
+
+    The token-by-token form of `model.generate` (same sampling keywords: temperature, top_k, top_p,
+    repetition_penalty, speculate), on whatever decoder the model has: plain, or prepared by
+    utils.generation.loading.prepare_for_decode (int8, compiled, speculative). Ends at a stop token
+    (not yielded) or after `max_new_tokens`. `bf16`: run under bf16 autocast (bf16 weights); the
+    autocast is entered around each step only, never while the caller holds control.
+    """
+    device = model.transformer.wte.weight.device
+    idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    steps = model.generate_tokens(idx, None, max_new_tokens, stop_tokens=tuple(stop_tokens), generator=generator,
+                                  **sampling)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    try:
+        while True:
+            with autocast():
+                try:
+                    token = int(next(steps)[0])
+                except StopIteration:
+                    return
+            if token in stop_tokens:
+                return
+            yield token
+    finally:
+        steps.close()
 
 
 def emit(text):
@@ -151,6 +178,26 @@ def summary(result: Result, label=""):
     rate = n / result.seconds if result.seconds > 0 else float("inf")
     log(f"[{label}prompt {len(result.prompt_ids)} tokens, {n} new tokens in {result.seconds:.2f} s: "
          f"{rate:.1f} tokens/s, seed {result.seed}]")
+
+
+class Totals:
+    """New tokens and seconds over a run's generations: the scripts' last line."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, result: Result):
+        self.tokens += len(result.new_ids)
+        self.seconds += result.seconds
+
+    def report(self, model):
+        stats = (getattr(model, "decode_plan", None) or {}).get("stats")
+        if stats and stats["forwards"]:
+            rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+            log(f"speculation: {stats['accepted']} of {stats['drafted']} drafted tokens accepted ({rate:.0%}), "
+                f"{self.tokens / stats['forwards']:.2f} new tokens per forward")
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("inf")
+        log(f"total: {self.tokens} new tokens in {self.seconds:.2f} s: {rate:.1f} tokens/s")
 
 
 def setup_stdout():
