@@ -134,7 +134,9 @@ def keep_global_batch(cfg, state, info):
     data order were made for it): gradient_accum_steps is recomputed when micro_batch_size x world size
     divides it, else the resume is refused. An explicit --global_batch_size is a deliberate change: kept."""
     saved = (state or {}).get("config", {})
-    if not state or state["world_size"] == info.world_size or cfg.global_batch_size or not saved:
+    layout = ("micro_batch_size", "gradient_accum_steps")
+    if not state or state["world_size"] == info.world_size or cfg.global_batch_size or not all(
+            isinstance(saved.get(k), int) for k in layout):
         return
     then = saved["micro_batch_size"] * saved["gradient_accum_steps"] * state["world_size"]
     per_step = cfg.micro_batch_size * info.world_size
