@@ -162,3 +162,21 @@ def test_full_queue_is_503_and_disconnects_stop_generation(live_server, tiny_ckp
     runner.join(timeout=60)
     server.wait(server.idle, what="idle")
     assert running_job.new_tokens == 5 and waiting_job.new_tokens == 0
+
+
+def test_a_failing_generation_is_a_500_and_the_server_lives_on(live_server, tiny_ckpt):
+    server = live_server(["--checkpoint", tiny_ckpt])
+    forward = server.model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("deliberately broken forward")
+    server.model.forward = broken
+    try:
+        message = assert_error(post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 3}, key=None), 500)
+        assert "deliberately broken" in message
+        with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "Hi", "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and "deliberately broken" in events[-2] and events[-1] == "data: [DONE]"
+    finally:
+        server.model.forward = forward
+    assert post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 3}, key=None).status_code == 200
