@@ -238,6 +238,34 @@ def run_identity(cfg) -> dict:
             "data": [f"{os.path.realpath(d)}:{float(w):g}" for d, w in sources]}
 
 
+def keep_global_batch(cfg, state, world_size, say=print):
+    """A run resumed at another world size keeps the global batch it was saved with (the LR schedule and the
+    data order were made for it): gradient_accum_steps is recomputed when micro_batch_size x world size
+    divides it, else the resume is refused. An explicit --global_batch_size is a deliberate change: kept.
+    Called by the trainer before the data loaders are made (they take gradient_accum_steps) and the log is cut."""
+    saved = (state or {}).get("config", {})
+    layout = ("micro_batch_size", "gradient_accum_steps")
+    if not state or state["world_size"] == world_size or cfg.global_batch_size or not all(
+            isinstance(saved.get(k), int) for k in layout):
+        return
+    then = saved["micro_batch_size"] * saved["gradient_accum_steps"] * state["world_size"]
+    per_step = cfg.micro_batch_size * world_size
+    was = (f"the checkpoint was saved at world size {state['world_size']} with a global batch of {then} sequences "
+           f"({saved['micro_batch_size']} x {saved['gradient_accum_steps']} accumulation x {state['world_size']})")
+    deliberately = "or set --global_batch_size to change the global batch deliberately"
+    if then % world_size:
+        raise CheckpointError(f"{was}; {then} is not a multiple of world size {world_size}, so no batch layout "
+                              f"keeps it: resume at a world size that divides it, {deliberately}")
+    if then % per_step:
+        raise CheckpointError(f"{was}; at world size {world_size} each rank needs {then // world_size} "
+                              f"sequences a step, which --micro_batch_size={cfg.micro_batch_size} does not divide: "
+                              f"choose a --micro_batch_size that does, {deliberately}")
+    if cfg.gradient_accum_steps != then // per_step:
+        say(f"note: {was}; keeping it at world size {world_size}: gradient_accum_steps "
+            f"{cfg.gradient_accum_steps} -> {then // per_step}")
+        cfg.gradient_accum_steps = then // per_step
+
+
 class TrainingCheckpointer:
     """The checkpoints of one run in `cfg.ckpt_dir`: the lock, what to resume, saving and pruning.
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from custom_dataset import EmptySplitError
 from models.loss import IGNORE_INDEX
-from utils.checkpoints.training import TrainingCheckpointer, gather_model_state_dict
+from utils.checkpoints.training import TrainingCheckpointer, gather_model_state_dict, keep_global_batch
 from utils.errors import UserError
 from utils.evaluation.run import evaluate_in_loop, load_eval_tasks
 from utils.hardware import choose_bf16, peak_flops
@@ -123,37 +123,10 @@ def train(cfg, task: TrainTask, prog=None):
         # Before the model is built, so that a run that cannot start is refused at once: a ckpt_dir in use
         # or holding another run, an unreadable or foreign checkpoint, a log_dir with another run's logs.
         with TrainingCheckpointer(cfg, info, task.name, task.extra_state, task.ignore_frozen_params) as checkpointer:
-            keep_global_batch(cfg, checkpointer.resume_state, info)
+            keep_global_batch(cfg, checkpointer.resume_state, info.world_size, lambda m: _print(info, m))
             with RunLog(cfg.log_dir, info, checkpointer.resume_step, resuming=checkpointer.resume_path is not None,
                         resume_asked=bool(cfg.resume)) as run_log:
                 return _train(cfg, task, info, checkpointer, run_log)
-
-
-def keep_global_batch(cfg, state, info):
-    """A run resumed at another world size keeps the global batch it was saved with (the LR schedule and the
-    data order were made for it): gradient_accum_steps is recomputed when micro_batch_size x world size
-    divides it, else the resume is refused. An explicit --global_batch_size is a deliberate change: kept."""
-    saved = (state or {}).get("config", {})
-    layout = ("micro_batch_size", "gradient_accum_steps")
-    if not state or state["world_size"] == info.world_size or cfg.global_batch_size or not all(
-            isinstance(saved.get(k), int) for k in layout):
-        return
-    then = saved["micro_batch_size"] * saved["gradient_accum_steps"] * state["world_size"]
-    per_step = cfg.micro_batch_size * info.world_size
-    was = (f"the checkpoint was saved at world size {state['world_size']} with a global batch of {then} sequences "
-           f"({saved['micro_batch_size']} x {saved['gradient_accum_steps']} accumulation x {state['world_size']})")
-    deliberately = "or set --global_batch_size to change the global batch deliberately"
-    if then % info.world_size:
-        raise TrainingError(f"{was}; {then} is not a multiple of world size {info.world_size}, so no batch layout "
-                            f"keeps it: resume at a world size that divides it, {deliberately}")
-    if then % per_step:
-        raise TrainingError(f"{was}; at world size {info.world_size} each rank needs {then // info.world_size} "
-                            f"sequences a step, which --micro_batch_size={cfg.micro_batch_size} does not divide: "
-                            f"choose a --micro_batch_size that does, {deliberately}")
-    if cfg.gradient_accum_steps != then // per_step:
-        _print(info, f"note: {was}; keeping it at world size {info.world_size}: gradient_accum_steps "
-                     f"{cfg.gradient_accum_steps} -> {then // per_step}")
-        cfg.gradient_accum_steps = then // per_step
 
 
 def _train(cfg, task, info, checkpointer, run_log):
