@@ -1,7 +1,7 @@
 """What pretrain.py --doc_mask=true changes, measured small: validation loss after the same steps, and speed.
 
     python bench/doc_mask_pretrain.py                  # gpt2-mini, windows of 256, micro-batch 8, 150 steps
-    python bench/doc_mask_pretrain.py --corpora dialogues --model_type gpt2-tiny --seq_len 128 --steps 100
+    python bench/doc_mask_pretrain.py --corpora dialogues --model_type gpt2-tiny --seq_len 128 --steps 30
 
 Two pretraining corpora built with the repo's own scripts from the sample corpora (make_sample_corpora.py):
 - "books": Shakespeare's plays and the books of the King James Bible: long documents (tens of thousands
@@ -9,11 +9,12 @@ Two pretraining corpora built with the repo's own scripts from the sample corpor
 - "dialogues": every chatterbot-corpus question and answer as a document of its own (tens of tokens):
   a window of 256 holds several.
 
-For each corpus, pretrain.py trains gpt2-mini twice from the same seed on the same windows, without and
-with --doc_mask=true. Both final models are then scored on the same validation windows both ways (plain
-causal attention over the window, and attention kept within each document): the loss the in-loop
-evaluation reports is the diagonal. Speed: one training step (forward + backward) on the same batches
-with and without document ids, the two timed interleaved in one process (--speed_repeats rounds), medians.
+For each corpus, pretrain.py trains the model twice from the same seed on the same windows, without and
+with --doc_mask=true (the two runs side by side, one thread each). Both final models are then scored on
+the same validation windows both ways (plain causal attention over the window, and attention kept within
+each document): the loss the in-loop evaluation reports is the diagonal. Speed: one training step
+(forward + backward) on the same batches with and without document ids, the two timed interleaved in one
+process (--speed_repeats rounds), medians.
 """
 import argparse
 import json
@@ -111,18 +112,22 @@ def main():
     corpora = build_corpora(work, args.corpora.split(","))
     rows = []
     for name, data_dir in corpora.items():
-        models = {}
-        for doc_mask in (False, True):
-            run = os.path.join(work, f"{name}_{int(doc_mask)}")
-            t0 = time.perf_counter()
-            script("pretrain.py", f"--model_type={args.model_type}", f"--max_seq_length={args.seq_len}",
-                   f"--data_dir={data_dir}", f"--micro_batch_size={args.batch_size}",
-                   f"--max_train_iters={args.steps}", "--max_lr=1e-3",
-                   "--min_lr=1e-4", "--warmup_steps=20", "--eval_interval=0", "--eval_iters=2", "--device=cpu",
-                   "--mixed_precision=false", f"--doc_mask={str(doc_mask).lower()}", f"--ckpt_dir={run}/ckpt",
-                   f"--log_dir={run}/runs", "--ckpt_interval=0")
-            print(f"{name}: trained doc_mask={doc_mask} in {time.perf_counter() - t0:.0f} s", flush=True)
-            models[doc_mask] = load_model(os.path.join(run, "ckpt", "final")).eval()
+        runs, procs = {}, []
+        for doc_mask in (False, True):  # the two trainings side by side: the machine's load hits both alike
+            runs[doc_mask] = os.path.join(work, f"{name}_{int(doc_mask)}")
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(REPO, "pretrain.py"), f"--model_type={args.model_type}",
+                 f"--max_seq_length={args.seq_len}", f"--data_dir={data_dir}", f"--micro_batch_size={args.batch_size}",
+                 f"--max_train_iters={args.steps}", "--max_lr=1e-3", "--min_lr=1e-4", "--warmup_steps=10",
+                 "--eval_interval=0", "--eval_iters=2", "--device=cpu", "--mixed_precision=false", "--cpu_threads=1",
+                 f"--doc_mask={str(doc_mask).lower()}", f"--ckpt_dir={runs[doc_mask]}/ckpt",
+                 f"--log_dir={runs[doc_mask]}/runs", "--ckpt_interval=0"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        t0 = time.perf_counter()
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"{name}: a pretrain.py run failed")
+        print(f"{name}: trained both in {time.perf_counter() - t0:.0f} s", flush=True)
+        models = {m: load_model(os.path.join(run, "ckpt", "final")).eval() for m, run in runs.items()}
         scores = {(trained, scored): val_loss(models[trained], data_dir, args, scored)
                   for trained in (False, True) for scored in (False, True)}
         plain_s, masked_s, eots = speed(models[False], data_dir, args)
