@@ -419,8 +419,8 @@ def load_pairs(path):
                 if not all(isinstance(a, list) for a in ids) or not ids[1] or not ids[2]:
                     raise TypeError
             except (ValueError, KeyError, TypeError):
-                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\", \"chosen_ids\", \"rejected_ids\"}} lists "
-                                   "with non-empty answers; rebuild it with build_finetune_datasets.py") from None
+                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\", \"chosen_ids\", \"rejected_ids\"}} "
+                                   "lists with non-empty answers; rebuild it with build_finetune_datasets.py") from None
             for dst, a in zip(out, ids):
                 dst.append(np.asarray(a, dtype=np.int32))
     return out

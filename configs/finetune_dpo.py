@@ -16,8 +16,7 @@ class FinetuneDPOConfig(FinetuneLoRAConfig):
     beta: float = 0.1                    # strength of the pull towards the reference (DPO's beta; IPO's tau)
     loss_type: str = "sigmoid"           # sigmoid (DPO), ipo, hinge (SLiC)
     label_smoothing: float = 0.0         # sigmoid only: assumed rate of flipped preferences (conservative DPO)
-    precompute_ref: bool = False         # compute the reference log-probabilities once before step 1 (kept in
-                                         # ckpt_dir): full DPO then needs no second copy of the model
+    precompute_ref: bool = False         # reference log-probs computed once, before step 1 (kept in ckpt_dir)
     lora_r: int = 0                      # 0 = full DPO; >= 1 = LoRA, the reference being the adapter switched off
     lora_dropout: float = 0.0            # dropout is off in DPO (as TRL): step 1's loss is ln 2
 
