@@ -8,9 +8,11 @@ import json
 import math
 import os
 
+import peft
 import pytest
 import torch
 import transformers
+import trl  # test-only: .ci/run installs it (a missing trl fails here rather than skipping)
 
 import finetune_dpo
 from custom_dataset import PreferenceLoader
@@ -21,9 +23,6 @@ from utils.checkpoints.hf_mapping import config_to_hf, ours_to_hf
 from utils.checkpoints.model import load_model, save_model
 from utils.training.dpo import preference_loss
 from utils.training.metrics import read_metrics
-
-trl = pytest.importorskip("trl")
-peft = pytest.importorskip("peft")
 
 STEPS, BATCH, SEED = 21, 4, 1337
 TARGETS = ("attn.c_proj", "mlp.c_fc")  # whole layers: PEFT has no per-slice (q/k/v) adapters of c_attn
