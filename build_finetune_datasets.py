@@ -1,7 +1,9 @@
 """Apply the prompt template (utils/prompt_template.py) to prepared fine-tuning examples, tokenise
 them with GPT-2's tokenizer and split them into train.jsonl / val.jsonl of
 {"prompt_ids", "completion_ids"} + meta.json. Over-long examples lose the start of their prompt;
-those whose completion alone is too long are dropped and counted."""
+those whose completion alone is too long are dropped and counted. Preference pairs become
+{"prompt_ids", "chosen_ids", "rejected_ids"} (meta.json "kind": "preference"), fitted the same way to the
+longer answer."""
 from utils.cli import add_output_flags, fraction, log, parser, run
 
 PROG = "build_finetune_datasets.py"
@@ -22,9 +24,10 @@ def main(argv=None):
     meta = build_finetune(args.input, args.output, max_seq_len=args.max_seq_len, val_fraction=args.val_fraction,
                           seed=args.seed, overwrite=args.overwrite, log=log)
     s = meta["splits"]
-    log(f"{PROG}: train {s['train']['examples']:,} examples, val {s['val']['examples']:,} "
+    what, answer = ("pairs", "an answer") if meta["kind"] == "preference" else ("examples", "completion")
+    log(f"{PROG}: train {s['train']['examples']:,} {what}, val {s['val']['examples']:,} "
         f"(longest {max(s['train']['longest'], s['val']['longest'])} tokens); {meta['truncated']:,} truncated, "
-        f"{meta['dropped']['completion_too_long']:,} dropped (completion longer than --max_seq_len), "
+        f"{sum(meta['dropped'].values()):,} dropped ({answer} longer than --max_seq_len), "
         f"{meta['bad_lines']:,} bad lines skipped")
     log(f"{PROG}: wrote train.jsonl, val.jsonl and meta.json to {args.output}")
 

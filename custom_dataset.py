@@ -553,3 +553,83 @@ class FinetuneLoader(_GlobalOrder):
                 raise DatasetError(f"data loader state was saved with {key}={saved}, this loader has {key}={mine}: "
                                  f"resume with the same data, seed, shuffle and pack")
         self.position, self.micro_step = int(d["position"]), int(d.get("micro_step", 0))
+
+
+class PreferenceBatch(NamedTuple):
+    """DPO's micro-batch: chosen rows then rejected rows, so one forward scores both.
+
+    input_ids, labels: (2B, T) int64, rows [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}], labels
+    exactly the answer tokens (as finetune_collate); index: (B,) the pairs' line numbers in their file (for
+    reference log-probabilities computed once, see utils/training/dpo.py)."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+def preference_collate(pairs, index, pad_id=EOT_TOKEN, max_seq_length=None) -> PreferenceBatch:
+    """(prompt_ids, chosen_ids, rejected_ids) triples -> PreferenceBatch. Over max_seq_length, the prompt loses
+    its start until prompt + the longer answer fit (what build_finetune_datasets.py does, and TRL)."""
+    rows = []
+    for p, c, r in pairs:
+        if max_seq_length is not None and len(p) + max(len(c), len(r)) > max_seq_length:
+            p = p[len(p) + max(len(c), len(r)) - max_seq_length:]
+        rows.append((p, c, r))
+    x, y = finetune_collate([(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows], pad_id=pad_id)
+    return PreferenceBatch(x, y, torch.as_tensor(index, dtype=torch.long))
+
+
+def load_pairs(path):
+    """(prompts, chosen, rejected): lists of int32 arrays from a preference train.jsonl / val.jsonl."""
+    out = ([], [], [])
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ids = [ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+                if not all(isinstance(a, list) for a in ids) or not ids[1] or not ids[2]:
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\", \"chosen_ids\", \"rejected_ids\"}} "
+                                   "lists with non-empty answers; rebuild it with build_finetune_datasets.py") from None
+            for dst, a in zip(out, ids):
+                dst.append(np.asarray(a, dtype=np.int32))
+    return out
+
+
+class PreferenceLoader(FinetuneLoader):
+    """FinetuneLoader's order (shuffled per epoch, resumable, any world size) over preference pairs."""
+
+    def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
+                 max_seq_length=None, shuffle=True):
+        if not os.path.isfile(path):
+            hint = not_built_hint(os.path.dirname(path) or ".", "finetune")
+            raise FileNotFoundError(f"preference data {path} not found: {hint}")
+        self._init_order(micro_batch_size, grad_accum_steps, rank, world_size, seed)
+        self.path, self.max_seq_length, self.shuffle = str(path), max_seq_length, bool(shuffle)
+        self._prompts, self._chosen, self._rejected = load_pairs(path)
+        if not self._prompts:
+            raise EmptySplitError(f"{path} holds no pairs; rebuild it with build_finetune_datasets.py "
+                                  f"(for val.jsonl: a --val_fraction above 0)")
+        if max_seq_length is not None:
+            longest = [max(len(c), len(r)) for c, r in zip(self._chosen, self._rejected)]
+            lost = sum(n > max_seq_length - 1 for n in longest)
+            if lost:
+                raise DatasetError(f"{path}: at --max_seq_length={max_seq_length}, {lost} of its {len(longest)} pairs "
+                                   f"have an answer that does not fit: rebuild it with build_finetune_datasets.py "
+                                   f"--max_seq_len {max_seq_length} (which drops those) or raise --max_seq_length")
+        self._perm = (None, None)
+
+    def pair(self, i):
+        return self._prompts[i], self._chosen[i], self._rejected[i]
+
+    def collate(self, picked) -> PreferenceBatch:
+        return preference_collate([self.pair(i) for i in picked], picked, pad_id=EOT_TOKEN,
+                                  max_seq_length=self.max_seq_length)
+
+    def next_batch(self) -> PreferenceBatch:
+        start = self.position + self._my_offset()
+        batch = self.collate([self._example_index(g) for g in range(start, start + self.micro_batch_size)])
+        self._advance()
+        return batch

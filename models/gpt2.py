@@ -271,7 +271,8 @@ class GPT2LMHeadModel(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss over targets != -100 or None).
 
         `reduction`: "mean" over target tokens, or "sum" (the training loop divides by the number
-        of target tokens in the whole accumulation window across ranks).
+        of target tokens in the whole accumulation window across ranks); "none" with return_logits=False:
+        (B, T) per-token losses, 0 where ignored (DPO sums them per answer).
         `return_logits=False` (training): logits come back as None and the loss is computed chunk
         by chunk without ever holding the batch's logits (models/loss.py): same value, much faster.
 
@@ -303,9 +304,9 @@ class GPT2LMHeadModel(nn.Module):
             cache.advance(T)
             x = cache.logit_positions(x)  # only the positions generation samples from: no lm_head over the prompt
         x = self.transformer.ln_f(x)
-        if targets is not None and not return_logits and reduction in ("mean", "sum"):
+        if targets is not None and not return_logits and reduction in ("mean", "sum", "none"):
             loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, reduction)
-            return None, loss
+            return None, loss  # "none": (B, T) per-token losses, 0 where the target is -100
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padding rows never take probability mass

@@ -10,6 +10,7 @@ the original's default "q and v" adapts two thirds of c_attn's output and leaves
 The weights are never merged in place: `merged_state_dict` returns new tensors.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(self.slice_size, r, device=dev))
                                         for n in self.slices})
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapter_disabled(): the base layer alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
@@ -63,6 +65,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         h = self.lora_dropout(x)
         deltas = {n: F.linear(F.linear(h, self.lora_A[n]), self.lora_B[n]) * self.scaling for n in self.slices}
         if len(self.slices) == self.n_slices:  # every slice adapted (or a single, whole-output one)
@@ -105,6 +109,20 @@ def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets=("q", 
 
 def lora_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapter_disabled(model):
+    """Inside it, every LoRALinear computes its base layer alone: the model the adapter started from (DPO's
+    reference, with no second copy in memory). Trained biases or embeddings are not undone."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 EMBEDDING_KEY = "transformer.wte.weight"  # the token embeddings, tied to the LM head

@@ -26,7 +26,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, mean, chunk_rows, dtype, need_grad):
+    def forward(ctx, x, weight, targets, vocab_size, mean, chunk_rows, dtype, need_grad, per_row=False):
         # x (N, C), weight (Vp, C), targets (N,) with -100 = ignored; matmuls in `dtype`.
         xc, wc = x.to(dtype), weight.to(dtype)
         N, Vp = x.size(0), weight.size(0)
@@ -65,6 +65,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, t, torch.where(v, -1.0, 0.0))
                 p.mul_(torch.where(v, scale, 0.0))
                 logits.copy_(p)
+        if per_row:  # reduction "none": d(loss_i)/d(logits_i) is row i's alone; backward scales it by grad_i
+            ctx.per_row = True
+            if need_grad:
+                ctx.save_for_backward(xc, wc, g)
+                ctx.dtypes = (x.dtype, weight.dtype)
+            return losses
+        ctx.per_row = False
         loss = losses.sum()
         if mean:
             loss = loss / count  # NaN when no target counts, as F.cross_entropy(reduction="mean")
@@ -78,13 +85,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         xc, wc, g = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         grad_x = grad_w = None
+        if ctx.per_row:  # (N,) upstream gradients: scale the rows of g by them, through the smaller operand
+            gl = grad_loss.to(torch.float32)[:, None]
+            if ctx.needs_input_grad[0]:
+                grad_x = ((g @ wc).float() * gl).to(x_dtype)  # (N, C)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.t() @ (xc.float() * gl).to(xc.dtype)).to(w_dtype)  # (Vp, C)
+            return grad_x, grad_w, None, None, None, None, None, None, None
         # The matmuls round to the compute dtype, as under autocast; the loss's own gradient is
         # applied after, in the parameters' dtype.
         if ctx.needs_input_grad[0]:
             grad_x = (g @ wc).to(x_dtype).mul_(grad_loss)  # (N, C)
         if ctx.needs_input_grad[1]:
             grad_w = (g.t() @ xc).to(w_dtype).mul_(grad_loss)  # (Vp, C)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, vocab_size=None, reduction="mean", chunk_rows=None):
@@ -95,8 +109,8 @@ def linear_cross_entropy(x, weight, targets, vocab_size=None, reduction="mean", 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as autocast
     would run `F.cross_entropy(lm_head(x).float(), ...)`.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     vocab_size = weight.size(0) if vocab_size is None else vocab_size
     if chunk_rows is None:
         # CPU: chunks that stay in cache. GPU: few large chunks; every chunk costs ~20 kernel launches, and at
@@ -105,11 +119,22 @@ def linear_cross_entropy(x, weight, targets, vocab_size=None, reduction="mean", 
     # Under no_grad (evaluation) ctx.needs_input_grad still says True for parameters: ask autograd itself.
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(x)
+    shape = targets.shape
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+    keep = None
     if x.device.type == "cpu":
         # Fine-tuning: prompt and padding rows (most of a padded batch) need no logits at all. Not on CUDA,
         # where selecting rows by a mask waits for the GPU (a host sync per call); the chunks mask them instead.
         keep = targets != IGNORE_INDEX
-        if not bool(keep.all()):
+        if bool(keep.all()):
+            keep = None
+        else:
             x, targets = x[keep], targets[keep]  # (n, C), (n,)
-    return _LinearCrossEntropy.apply(x, weight, targets, vocab_size, reduction == "mean", chunk_rows, dtype, need_grad)
+    per_row = reduction == "none"
+    loss = _LinearCrossEntropy.apply(x, weight, targets, vocab_size, reduction == "mean", chunk_rows, dtype, need_grad,
+                                     per_row)
+    if not per_row:
+        return loss
+    # Back to every position, 0 where the target is ignored: a new tensor (FSDP warns about returning a view).
+    keep = torch.ones(shape, dtype=torch.bool, device=loss.device) if keep is None else keep.view(shape)
+    return loss.new_zeros(shape).masked_scatter(keep, loss)

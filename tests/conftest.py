@@ -86,6 +86,30 @@ def _write_finetune_data(directory, n_train=96, n_val=16):
     return directory
 
 
+def _write_preference_data(directory, n_train=64, n_val=16, seed=2):
+    """A built preference dataset: the colour questions of _write_finetune_data, chosen = the right colour,
+    rejected = a wrong one; meta.json says "kind": "preference"."""
+    from utils.prompt_template import format_completion, format_prompt
+    from utils.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "black", "white"]
+    things = ["apple", "car", "house", "bird", "boat", "flower", "book", "door"]
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                c, wrong, t = *rng.sample(colours, 2), rng.choice(things)
+                prompt = format_prompt(f"What colour is the {t}?", context=f"The {t} is {c}.")
+                f.write(json.dumps({"prompt_ids": enc.encode_ordinary(prompt),
+                                    "chosen_ids": enc.encode_ordinary(format_completion(f"The {t} is {c}.")),
+                                    "rejected_ids": enc.encode_ordinary(format_completion(
+                                        f"It is {wrong}, I think" if rng.random() < 0.5 else wrong))}) + "\n")
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"format": "minigpt-finetune-tokens-v1", "kind": "preference", "max_seq_len": 1024}, f)
+    return directory
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{os.sep}e2e{os.sep}" in str(item.path):
@@ -116,6 +140,11 @@ def write_pretrain_data():
 @pytest.fixture(scope="session")
 def write_finetune_data():
     return _write_finetune_data
+
+
+@pytest.fixture(scope="session")
+def write_preference_data():
+    return _write_preference_data
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_every_common_shape(tmp_path, write, prepare_finetune_cli):
         {"prompt": "And you?", "completion": "Yes", "history": [["How are you?", "Fine."]]},
         {"prompt": "1984", "completion": "42"},  # YAML scalars stay strings
     ]
-    assert report["dropped"] == {"empty": 0, "duplicate": 0, "unanswered_turns": 2}
+    assert report["dropped"] == {"empty": 0, "duplicate": 0, "unanswered_turns": 2, "equal_answers": 0}
     assert report["bad_lines"] == 0 and report["files_read"] == 8
 
 

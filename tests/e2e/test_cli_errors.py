@@ -19,6 +19,8 @@ CASES = {
                     "--log_dir={tmp}/runs"],
     "finetune_lora.py": [f"--pretrained_ckpt={MISSING}", f"--data_dir={MISSING}", "--ckpt_dir={tmp}/ck",
                          "--log_dir={tmp}/runs"],
+    "finetune_dpo.py": [f"--pretrained_ckpt={MISSING}", f"--data_dir={MISSING}", "--ckpt_dir={tmp}/ck",
+                        "--log_dir={tmp}/runs"],
     "convert_hf_checkpoint.py": ["--hf_dir", MISSING, "--output", "{tmp}/out"],
     "convert_lora_checkpoint.py": ["--base", MISSING, "--lora", MISSING, "--output", "{tmp}/out"],
     "generate_pretrained.py": ["--checkpoint", MISSING, "--prompt", "Hello"],
@@ -64,3 +66,15 @@ def test_under_torchrun_the_summary_carries_the_error(case, tmp_path, repo):
     root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
     assert f"  traceback : {printed[0]}\n" in root_cause, proc.stderr
     assert "exitcode  : 2" in root_cause and "To enable traceback" not in proc.stderr, proc.stderr
+
+def test_each_trainer_refuses_the_other_kind_of_data(tmp_path, run_script, write_finetune_data,
+                                                      write_preference_data):
+    """finetune.py given preference pairs, finetune_dpo.py given prompt/completion data: one line naming the
+    script that takes them."""
+    for script, data, other in (("finetune.py", write_preference_data(tmp_path / "pref"), "finetune_dpo.py"),
+                                ("finetune_dpo.py", write_finetune_data(tmp_path / "sft"), "finetune.py")):
+        proc = run_script(script, f"--data_dir={data}", "--pretrained_ckpt=nowhere", f"--ckpt_dir={tmp_path}/ck",
+                          f"--log_dir={tmp_path}/runs", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"{script}: error: --data_dir="), proc.stderr
+        assert other in proc.stderr

@@ -80,7 +80,27 @@ def test_no_grad_and_bad_reduction():
     assert not loss.requires_grad
     torch.testing.assert_close(loss, reference(x.detach(), w, t, 16, "mean"))
     with pytest.raises(ValueError, match="reduction"):
-        linear_cross_entropy(x, w, t, reduction="none")
+        linear_cross_entropy(x, w, t, reduction="max")
+
+
+def test_per_token_losses_and_their_gradients():
+    """reduction="none" (DPO's per-answer sums): F.cross_entropy's per-token losses and, for any weighting of
+    them, the same gradients; ignored targets give 0."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
+    t = torch.randint(0, 11, (3, 5))
+    t[0, :2] = -100
+    weights = torch.randn(3, 5)
+    ours = linear_cross_entropy(x, w, t, vocab_size=11, reduction="none")
+    (ours * weights).sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = F.cross_entropy((x @ w[:11].T).reshape(-1, 11), t.reshape(-1), reduction="none").view(3, 5)
+    (ref * weights).sum().backward()
+    assert ours.shape == t.shape and bool((ours[0, :2] == 0).all())
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], w.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pad", [1, 64])

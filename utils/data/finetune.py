@@ -9,9 +9,17 @@ Record shapes understood by `prepare`:
   dialogues: a list of turns (chatterbot-corpus YAML), {"messages": [{"role", "content"}]} (OpenAI),
              {"conversations": [{"from", "value"}]} (ShareGPT): one example per assistant turn, with
              the earlier turns as "history" (a system message becomes the context).
+Preference pairs (for finetune_dpo.py), written as {"prompt", "chosen", "rejected"[, "context"][, "history"]}:
+  {"prompt", "chosen", "rejected"[, "context"]}    plain
+  {"chosen", "rejected"} full transcripts           Anthropic HH-RLHF ("\n\nHuman: ...\n\nAssistant: ..."): the
+                                                   shared turns before the last Assistant turn are the prompt
+  {["prompt",] "chosen": [...], "rejected": [...]}  message lists (UltraFeedback-binarized): the same, by roles
+A file set holds one kind: records of the other kind are reported and skipped, as are pairs whose two
+answers are equal (nothing to prefer).
 """
 import json
 import os
+import re
 
 from tqdm import tqdm
 
@@ -40,9 +48,12 @@ CONTEXT_KEYS = ("context", "input")
 USER_ROLES = {"user", "human", "prompter"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
 FORMAT = mark("finetune_built").value
+ANSWER_FIELDS = {"plain": ("completion",), "preference": ("chosen", "rejected")}  # built: {field}_ids
 
 _EXPECTED = ("expected prompt/completion, instruction/output, question/answer, "
-             "or a dialogue (a list of turns, \"messages\" or \"conversations\")")
+             "a dialogue (a list of turns, \"messages\" or \"conversations\"), or a preference pair "
+             "(prompt/chosen/rejected)")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")  # Anthropic HH-RLHF transcripts
 
 
 class Skip(Exception):
@@ -132,8 +143,57 @@ def _role_turns(items, role_key, text_key):
     return turns
 
 
+def _hh_turns(text, what):
+    """[(role, text)] of an HH-RLHF transcript "\n\nHuman: ...\n\nAssistant: ..."."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError(f"field {what!r} is not an HH-RLHF transcript (\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    return [("user" if role == "Human" else "assistant", clean_field(body))
+            for role, body in zip(parts[1::2], parts[2::2])]
+
+
+def _answer_turns(value, what):
+    """A preference answer as turns: a transcript string (HH-RLHF), a message list, or a plain string."""
+    if isinstance(value, list):
+        return _role_turns(value, "role", "content")
+    if isinstance(value, str) and HH_TURN.match(value):
+        return _hh_turns(value, what)
+    return [("assistant", _as_text(value, what))]
+
+
+def preference_from_record(rec):
+    """{"prompt", "chosen", "rejected"[, "context"][, "history"]} of a preference record; Skip/ValueError."""
+    chosen, rejected = _answer_turns(rec["chosen"], "chosen"), _answer_turns(rec["rejected"], "rejected")
+    prompt = rec.get("prompt")
+    if prompt is not None:  # the prompt apart: a string or the messages before the answers
+        prefix = _role_turns(prompt, "role", "content") if isinstance(prompt, list) else \
+            [("user", _as_text(prompt, "prompt"))]
+        chosen, rejected = prefix + chosen, prefix + rejected
+    if chosen[-1][0] != "assistant" or rejected[-1][0] != "assistant":
+        raise ValueError("a preference pair's chosen and rejected must each end with an assistant answer")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("chosen and rejected differ before their last assistant answer: no shared prompt")
+    xk, xv = _first(rec, CONTEXT_KEYS)
+    context = _as_text(xv, xk) if xv not in (None, "") else None
+    examples, _ = _dialogue(chosen, context)
+    if not examples or examples[-1]["completion"] != chosen[-1][1] or not rejected[-1][1]:
+        raise Skip("empty")
+    if chosen[-1][1] == rejected[-1][1]:
+        raise Skip("equal_answers")
+    ex = examples[-1]
+    out = {"prompt": ex["prompt"], "chosen": chosen[-1][1], "rejected": rejected[-1][1]}
+    out.update({k: ex[k] for k in ("context", "history") if k in ex})
+    return out
+
+
+def is_preference(rec) -> bool:
+    return isinstance(rec, dict) and "chosen" in rec and "rejected" in rec
+
+
 def examples_from_record(rec):
     """(examples, unanswered turns) of one record; ValueError says why a record is unusable."""
+    if is_preference(rec):
+        return [preference_from_record(rec)], 0
     if isinstance(rec, list):  # chatterbot: alternating user / assistant strings
         return _dialogue([("user" if i % 2 == 0 else "assistant", _as_text(t, f"turn {i + 1}"))
                           for i, t in enumerate(rec)])
@@ -189,7 +249,8 @@ def prepare_finetune(inputs, output, overwrite=False, log=print):
     writer = output_writer(output, overwrite, mark("finetune_prepared"), inputs)
     seen = set()
     report = {"inputs": [os.path.abspath(p) for p in inputs], "files_read": 0, "files_skipped": [],
-              "records": 0, "examples_out": 0, "dropped": {"empty": 0, "duplicate": 0, "unanswered_turns": 0},
+              "records": 0, "examples_out": 0, "kind": None,
+              "dropped": {"empty": 0, "duplicate": 0, "unanswered_turns": 0, "equal_answers": 0},
               "bad_lines": 0, "bad_line_examples": [], "per_file": []}
 
     bad_lines = BadLines()
@@ -223,6 +284,12 @@ def prepare_finetune(inputs, output, overwrite=False, log=print):
                     bad(BadLine(path, lineno, str(e)), counts)
                     continue
                 report["dropped"]["unanswered_turns"] += unanswered
+                kind = "preference" if examples and "chosen" in examples[0] else "plain"
+                report["kind"] = report["kind"] or (kind if examples else None)
+                if examples and kind != report["kind"]:  # one kind per dataset: the first record's
+                    bad(BadLine(path, lineno, f"a {kind} record among {report['kind']} ones (the first record "
+                                              "decides; prepare the two kinds into separate directories)"), counts)
+                    continue
                 for ex in examples:
                     line = jsonl_line(ex)
                     if line in seen:
@@ -261,30 +328,47 @@ def tokenize_example(ex, max_seq_len, enc=None):
     return p[len(p) + len(c) - max_seq_len:], c, True  # keep the end of the prompt, next to the answer
 
 
+def tokenize_pair(ex, max_seq_len, enc=None):
+    """(prompt_ids, chosen_ids, rejected_ids, truncated) of a preference pair, as TRL fits one: the prompt
+    loses its start until prompt + the longer answer fit; None if that answer alone does not fit."""
+    enc = enc or get_tokenizer()
+    history = [tuple(t) for t in ex.get("history") or ()]
+    p = enc.encode_ordinary(format_prompt(ex["prompt"], ex.get("context"), history))
+    c, r = (enc.encode_ordinary(format_completion(ex[k])) for k in ("chosen", "rejected"))
+    longest = max(len(c), len(r))
+    if max_seq_len is None or len(p) + longest <= max_seq_len:
+        return p, c, r, False
+    if longest > max_seq_len - 1:
+        return None
+    return p[len(p) + longest - max_seq_len:], c, r, True
+
+
 def _read_examples(files):
-    """(global line index, path, line, example or BadLine) for every line of every file."""
+    """(global line index, example or BadLine or None, (path, line number)) for every line of every file."""
     index = 0
     for path in files:
         for lineno, line in read_lines(path):
             index += 1
             if isinstance(line, BadLine):
-                yield index - 1, line
+                yield index - 1, line, (path, lineno)
                 continue
             if not line.strip():
-                yield index - 1, None
+                yield index - 1, None, (path, lineno)
                 continue
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                yield index - 1, BadLine(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})")
+                yield index - 1, BadLine(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})"), (path, lineno)
                 continue
+            answers = ("chosen", "rejected") if is_preference(ex) else ("completion",)
             if (not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str)
-                    or not isinstance(ex.get("completion"), str)):
+                    or not all(isinstance(ex.get(k), str) for k in answers)):
                 yield index - 1, BadLine(path, lineno, "expected {\"prompt\": str, \"completion\": str"
-                                                       "[, \"context\", \"history\"]} "
-                                                       "(prepare_data_finetune.py writes that)")
+                                                       "[, \"context\", \"history\"]} or {\"prompt\", "
+                                                       "\"chosen\", \"rejected\"} "
+                                                       "(prepare_data_finetune.py writes that)"), (path, lineno)
                 continue
-            yield index - 1, ex
+            yield index - 1, ex, (path, lineno)
 
 
 def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=1337, overwrite=False, log=print):
@@ -299,37 +383,48 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
     enc = get_tokenizer()
     n_lines = sum(1 for path in files for _ in read_lines(path))
     is_val = val_mask(n_lines, val_fraction, seed)
-    splits = {s: {"file": f"{s}.jsonl", "examples": 0, "prompt_tokens": 0, "completion_tokens": 0, "longest": 0}
-              for s in ("train", "val")}
-    truncated, too_long, bad = 0, 0, BadLines()
+    kind, truncated, too_long, bad = None, 0, 0, BadLines()
+    splits = {}
     with writer as tmp:
         with open(os.path.join(tmp, "train.jsonl"), "w") as ftrain, open(os.path.join(tmp, "val.jsonl"), "w") as fval:
-            for i, ex in tqdm(_read_examples(files), total=n_lines, desc="tokenizing", unit="ex", disable=None):
+            for i, ex, where in tqdm(_read_examples(files), total=n_lines, desc="tokenizing", unit="ex", disable=None):
                 if ex is None:
                     continue
                 if isinstance(ex, BadLine):
                     bad.add(ex)
                     continue
-                result = tokenize_example(ex, max_seq_len, enc)
+                this = "preference" if is_preference(ex) else "plain"
+                if kind is None:  # the first example decides: one kind per dataset
+                    kind = this
+                    fields = ANSWER_FIELDS[kind]
+                    splits = {s: {"file": f"{s}.jsonl", "examples": 0, "prompt_tokens": 0,
+                                  **{f"{f}_tokens": 0 for f in fields}, "longest": 0} for s in ("train", "val")}
+                if this != kind:
+                    bad.add(BadLine(*where, f"a {this} example among {kind} ones"))
+                    continue
+                result = tokenize_example(ex, max_seq_len, enc) if kind == "plain" else \
+                    tokenize_pair(ex, max_seq_len, enc)
                 if result is None:
                     too_long += 1
                     continue
-                p, c, cut = result
+                *ids, cut = result
                 truncated += cut
                 name = "val" if is_val[i] else "train"
-                (fval if is_val[i] else ftrain).write(json.dumps({"prompt_ids": p, "completion_ids": c},
-                                                                 separators=(",", ":")) + "\n")
+                line = {"prompt_ids": ids[0], **{f"{f}_ids": a for f, a in zip(fields, ids[1:])}}
+                (fval if is_val[i] else ftrain).write(json.dumps(line, separators=(",", ":")) + "\n")
                 s = splits[name]
                 s["examples"] += 1
-                s["prompt_tokens"] += len(p)
-                s["completion_tokens"] += len(c)
-                s["longest"] = max(s["longest"], len(p) + len(c))
-        if splits["train"]["examples"] == 0:
-            raise DataError(f"no training examples left from {input_dir} ({bad.count} bad line(s), {too_long} with a "
-                            f"completion longer than --max_seq_len {max_seq_len}); nothing was written")
+                s["prompt_tokens"] += len(ids[0])
+                for f, a in zip(fields, ids[1:]):
+                    s[f"{f}_tokens"] += len(a)
+                s["longest"] = max(s["longest"], len(ids[0]) + max(len(a) for a in ids[1:]))
+        if not splits or splits["train"]["examples"] == 0:
+            raise DataError(f"no training examples left from {input_dir} ({bad.count} bad line(s), {too_long} with "
+                            f"an answer longer than --max_seq_len {max_seq_len}); nothing was written")
         bad.warn(log, "meta.json")
         meta = {
             "format": FORMAT,
+            "kind": kind,  # "plain" (finetune.py, finetune_lora.py) or "preference" (finetune_dpo.py)
             "tokenizer": "gpt2 (tiktoken r50k_base)",
             "eot_token": enc.eot_token,
             "template": {"prompt": format_prompt("{question}", "{context}"),
@@ -339,7 +434,7 @@ def build_finetune(input_dir, output, max_seq_len=1024, val_fraction=0.05, seed=
             "seed": seed,
             "splits": splits,
             "truncated": truncated,
-            "dropped": {"completion_too_long": too_long},
+            "dropped": {"completion_too_long" if kind == "plain" else "answer_too_long": too_long},
             "bad_lines": bad.count,
             "bad_line_examples": bad.examples,
             "sources": [{"file": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],

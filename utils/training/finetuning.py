@@ -8,6 +8,7 @@ from models.gpt2 import GPT2Config
 from utils.checkpoints.model import load_config as load_checkpoint_config
 from utils.checkpoints.model import load_model, save_model
 from utils.data.kinds import not_built_hint
+from utils.errors import UserError
 
 
 def load_pretrained(cfg, device="cpu"):
@@ -35,16 +36,33 @@ def finetune_loader(cfg, split, info):
                           shuffle=split == "train", pack=cfg.pack, limit=limit)
 
 
-def check_finetune_data(cfg):
-    """--data_dir must hold a built fine-tuning dataset; returns the max_seq_len it was built for (or None)."""
+def check_finetune_data(cfg, kind="plain"):
+    """--data_dir must hold a built fine-tuning dataset of `kind` ("plain" prompt/completion, or "preference"
+    pairs); returns the max_seq_len it was built for (or None)."""
     train = os.path.join(cfg.data_dir, "train.jsonl")
     if not os.path.isfile(train):
         raise FileNotFoundError(f"fine-tuning data {train} not found: {not_built_hint(cfg.data_dir, 'finetune')}")
     meta = os.path.join(cfg.data_dir, "meta.json")
-    if not os.path.isfile(meta):
-        return None
-    with open(meta, encoding="utf-8") as f:
-        return json.load(f).get("max_seq_len")
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            meta = json.load(f)
+    else:  # hand-made (or older): its first line tells
+        meta = {"kind": _first_line_kind(train)}
+    found = meta.get("kind") or "plain"  # built before preference data existed: prompt/completion
+    if found != kind:
+        what = {"plain": "prompt/completion examples", "preference": "preference pairs"}
+        use = "finetune_dpo.py" if found == "preference" else "finetune.py or finetune_lora.py"
+        raise UserError(f"--data_dir={cfg.data_dir} holds {what[found]}, which are for {use}; this script needs "
+                        f"{what[kind]} (build_finetune_datasets.py makes both)")
+    return meta.get("max_seq_len")
+
+
+def _first_line_kind(path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return "preference" if '"chosen_ids"' in line else "plain"
+    return None
 
 
 def finetune_steps(cfg, loader):

@@ -53,6 +53,13 @@ class TrainTask:
     padded: bool = False                         # batches are padded to their longest row: their length varies
     ignore_frozen_params: bool = False           # LoRA: checkpoints hold only the trainable parameters
     extra_state: dict = field(default_factory=dict)  # recorded in every checkpoint's trainer_state.json
+    # A task with its own objective (DPO): (model, batch) -> (loss summed over the batch's units, {metric: sum});
+    # `units(batch)` counts those units (the loss and metrics are divided by the window's total on all ranks).
+    # None: the language-model loss summed over target tokens.
+    loss: Callable | None = None
+    units: Callable | None = None
+    evaluate: Callable | None = None             # (model, loader, start_state, cfg, info) -> {metric: value}
+    prepare: Callable | None = None              # (model, {"train"/"val": loader}, step, info), before step 1
 
 
 class StopRequest:
@@ -154,6 +161,8 @@ def _train(cfg, task, info, checkpointer, run_log):
 
     # Resume last: nothing may draw from the RNG between restoring its state and the first step.
     step = checkpointer.load(model, optimizer, train_loader)  # 0 for a fresh run; else everything restored
+    if task.prepare:  # draws nothing from the RNG
+        task.prepare(model, {"train": train_loader, "val": val_loader}, step, info)
     if step == 0:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs between ranks
     start_step = saved_step = step
@@ -172,7 +181,7 @@ def _train(cfg, task, info, checkpointer, run_log):
             lr = lr_at(step, cfg.init_lr, cfg.max_lr, cfg.min_lr, warmup, decay)
             t0 = time.perf_counter()
             out = train_step(model, optimizer, train_loader, lr, step, cfg, info, stop, checkpointer,
-                             measure=step == start_step)
+                             measure=step == start_step, task=task)
             if out is None:  # stopped before the window was complete: it was dropped
                 break
             step += 1
@@ -188,7 +197,8 @@ def _train(cfg, task, info, checkpointer, run_log):
             # A stop skips the evaluation (it would eat into the grace period); the ranks must agree on that.
             evaluate_now = (val_loader is not None or eval_sets) and _due(cfg.eval_interval, step, max_steps)
             if evaluate_now and not _any_rank(stop.requested, info):
-                last_eval = evaluate(model, val_loader, val_start, cfg, info) if val_loader is not None else {}
+                last_eval = (task.evaluate or evaluate)(model, val_loader, val_start, cfg, info) \
+                    if val_loader is not None else {}
                 last_eval.update(evaluate_in_loop(model, eval_sets, cfg.micro_batch_size, info.device))
                 log_eval(step, last_eval, run_log, info)
         if step > saved_step:  # a stop that came between steps: the last completed one is still unsaved
@@ -202,8 +212,8 @@ def _train(cfg, task, info, checkpointer, run_log):
         return summary
     summary["final"] = final_dir = save_final(model, task, cfg, info)
     _print(info, f"done: {step} steps" + (f", final train loss {history[-1]['loss']:.4f}" if history else "")
-                 + (f", eval loss {last_eval['loss']:.4f} (perplexity {last_eval['perplexity']:.2f})"
-                    if last_eval and "loss" in last_eval else "")
+                 + (f", eval loss {last_eval['loss']:.4f}" if last_eval and "loss" in last_eval else "")
+                 + (f" (perplexity {last_eval['perplexity']:.2f})" if last_eval and "perplexity" in last_eval else "")
                  + f"; model saved to {final_dir}")
     return summary
 
@@ -256,7 +266,7 @@ def save_final(model, task, cfg, info):
     return final_dir
 
 
-def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer, measure=False):
+def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer, measure=False, task=None):
     """One optimizer step over `gradient_accum_steps` micro-batches per rank; None when a stop came first.
 
     The summed loss is divided by the target tokens of the whole window on all ranks, so 2 ranks x 1
@@ -269,10 +279,15 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     defer = defers_grad_sync(cfg, info)
     data_state, rng_state = loader.state_dict(), _rng_state(info.device)
     batches = [loader.next_batch() for _ in range(cfg.gradient_accum_steps)]
+    own_loss = task is not None and task.loss is not None
     # One collective (CPU/gloo: no device sync) for the window's token counts and any rank's stop request.
-    n_targets, n_tokens, n_positions, stopping = all_reduce_sum([*_count_tokens(batches), stop.requested], info)
+    n_units = sum(task.units(b) for b in batches) if own_loss else 0
+    n_targets, n_tokens, n_positions, n_units, stopping = all_reduce_sum(
+        [*_count_tokens(batches), n_units, stop.requested], info)
+    n_units = n_units if own_loss else n_targets  # what the loss is averaged over
     batches = [_to_device(b, info.device) for b in batches]
     loss_sum = torch.zeros((), device=info.device)
+    metric_sums = {}
     grad_bytes = None
     for i, batch in enumerate(batches):
         if i > 0:
@@ -283,20 +298,30 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
             _set_rng_state(rng_state, info.device)
             return None
         model.set_requires_gradient_sync(i == len(batches) - 1 or not defer)
-        loss = _loss_sum(model, batch)
+        if own_loss:
+            loss, metrics = task.loss(model, batch)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+        else:
+            loss = _loss_sum(model, batch)
         # FSDP averages gradients over ranks: scale by world size to make that average a sum.
-        (loss * (info.world_size / max(n_targets, 1))).backward()
+        (loss * (info.world_size / max(n_units, 1))).backward()
         loss_sum += loss.detach().float()
         if measure and i == 0:
             grad_bytes = gradient_bytes(model)  # while the window accumulates: what each rank holds
+    names = sorted(metric_sums)
+    if names:  # the task's metrics travel with the loss: one collective, one device->host read
+        loss_sum = torch.stack([loss_sum, *(metric_sums[k] for k in names)])
     if info.world_size > 1:
         dist.all_reduce(loss_sum)
+    loss_sum, metric_values = (loss_sum[0], loss_sum[1:]) if names else (loss_sum, None)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    loss_sum, grad_norm = to_host(loss_sum, grad_norm)  # the loss on the device, the norm on the CPU if offloaded
-    train_loss = loss_sum / max(n_targets, 1)
+    # the loss on the device, the norm on the CPU if offloaded, the task's metrics with the loss
+    loss_sum, grad_norm, *metric_values = to_host(loss_sum, grad_norm, *(metric_values.unbind(0) if names else ()))
+    train_loss = loss_sum / max(n_units, 1)
     # A finite loss can still come with an inf/nan gradient: that step would poison the weights and every
     # checkpoint after it. Stop before the optimizer step, with the last good checkpoint untouched.
     for what, value in (("loss", train_loss), ("gradient norm", grad_norm)):
@@ -310,7 +335,8 @@ def train_step(model, optimizer, loader, lr, step, cfg, info, stop, checkpointer
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": train_loss, "grad_norm": grad_norm, "tokens": n_tokens, "target_tokens": n_targets,
-            "positions": n_positions, "grad_bytes": grad_bytes}
+            "positions": n_positions, "grad_bytes": grad_bytes,
+            "metrics": {k: v / max(n_units, 1) for k, v in zip(names, metric_values)}}
 
 
 def to_host(*scalars):
@@ -362,7 +388,7 @@ def step_record(step, lr, out, dt, flops_tok, peak, info):
     included); target tokens (those with a loss) are reported separately; padding_fraction is the share
     of the batches' positions (rows x length) that held no token to process."""
     tokens_per_sec = out["tokens"] / dt
-    return {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+    return {"step": step, "loss": out["loss"], **out.get("metrics", {}), "lr": lr, "grad_norm": out["grad_norm"],
             "tokens_per_sec": tokens_per_sec, "target_tokens_per_sec": out["target_tokens"] / dt,
             "padding_fraction": 1 - out["tokens"] / max(out["positions"], 1),
             "mfu": mfu(tokens_per_sec / info.world_size, flops_tok, peak)}
@@ -427,8 +453,9 @@ def _count_tokens(batches):
 def _to_device(batch, device):
     """CPU tensors -> device. On CUDA through pinned memory and non_blocking: the copy does not stall the host."""
     if device.type != "cuda":
-        return tuple(batch)
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        return batch
+    moved = [t.pin_memory().to(device, non_blocking=True) if torch.is_tensor(t) else t for t in batch]
+    return type(batch)(*moved) if hasattr(batch, "_fields") else tuple(moved)  # a NamedTuple keeps its fields
 
 
 def _rng_state(device):
