@@ -44,7 +44,10 @@ def setup(tmp_path_factory, write_preference_data):
     order = [i for _ in range(STEPS) for i in loader.next_batch().index.tolist()]
     rows = [dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), (a.tolist() for a in loader.pair(i))))
             for i in order]
-    return root, config, rows
+    val = PreferenceLoader(data / "val.jsonl", BATCH, shuffle=False)
+    val_rows = [dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), (a.tolist() for a in val.pair(i))))
+                for i in range(len(val))]
+    return root, config, rows, val_rows
 
 
 def run_ours(root, loss_type, lora_r, lr, beta):
@@ -57,8 +60,8 @@ def run_ours(root, loss_type, lora_r, lr, beta):
                        "--weight_decay=0", "--adamw_betas=0.9,0.95", "--grad_clip=1.0", f"--seed={SEED}",
                        "--eval_interval=0", "--ckpt_interval=0", "--log_interval=1", "--mixed_precision=false",
                        "--device=cpu", "--cpu_threads=1"])
-    steps, _ = read_metrics(root / name / "runs")
-    return [steps[s] for s in sorted(steps)]
+    steps, evals = read_metrics(root / name / "runs")
+    return [steps[s] for s in sorted(steps)], evals[STEPS]  # evaluated once, at the end: all 8 val pairs
 
 
 class PreTokenized(trl.DPOTrainer):
@@ -69,7 +72,7 @@ class PreTokenized(trl.DPOTrainer):
         return dataset
 
 
-def run_trl(root, config, rows, loss_type, lora_r, lr, beta):
+def run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta):
     import datasets
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(config)))
     base = load_model(root / "base")
@@ -93,12 +96,14 @@ def run_trl(root, config, rows, loss_type, lora_r, lr, beta):
                          adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
                          logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], beta=beta,
                          loss_type=[loss_type], use_cpu=True, train_sampling_strategy="sequential",
-                         max_length=None, bf16=False, seed=SEED, disable_dropout=True, dataloader_num_workers=0)
+                         max_length=None, bf16=False, seed=SEED, disable_dropout=True, dataloader_num_workers=0,
+                         per_device_eval_batch_size=BATCH)
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(root / "tokenizer")
     trainer = PreTokenized(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                            processing_class=tokenizer)
     trainer.train()
-    return [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    logs = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    return logs, trainer.evaluate(eval_dataset=datasets.Dataset.from_list(val_rows))
 
 
 CASES = [("sigmoid", 0, 1e-3), ("ipo", 0, 1e-3), ("hinge", 0, 1e-3),
@@ -109,10 +114,10 @@ CASES = [("sigmoid", 0, 1e-3), ("ipo", 0, 1e-3), ("hinge", 0, 1e-3),
 def test_dpo_equals_trl_step_for_step(setup, loss_type, lora_r, lr):
     # IPO's loss sits near (1 / (2 beta))^2: at beta 0.1 that is 25, where fp32 resolves only ~2e-6; at 0.5, 1.
     beta = 0.5 if loss_type == "ipo" else 0.1
-    root, config, rows = setup
+    root, config, rows, val_rows = setup
     torch.set_num_threads(1)
-    ours = run_ours(root, loss_type, lora_r, lr, beta)
-    theirs = run_trl(root, config, rows, loss_type, lora_r, lr, beta)
+    ours, ours_eval = run_ours(root, loss_type, lora_r, lr, beta)
+    theirs, theirs_eval = run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta)
     assert len(ours) == len(theirs) == STEPS
     if loss_type == "sigmoid":
         assert abs(ours[0]["loss"] - math.log(2)) < 1e-6  # dropout off: policy = reference at step 1
@@ -122,6 +127,10 @@ def test_dpo_equals_trl_step_for_step(setup, loss_type, lora_r, lr):
             # there is relative (1e-5 x |value| / 10); the loss and the rewards (differences, ~1) are absolute.
             tol = 1e-6 * max(abs(b[k]), 10) if k.startswith("logps/") else 1e-5
             assert abs(a[k] - b[k]) <= tol, f"step {step} {k}: ours {a[k]:.7f} vs TRL {b[k]:.7f}"
+    for k in METRICS:  # the validation pairs after the last step, under TRL's eval_ names
+        k = f"eval_{k}"
+        tol = 1e-6 * max(abs(theirs_eval[k]), 10) if "logps/" in k else 1e-5
+        assert abs(ours_eval[k] - theirs_eval[k]) <= tol, f"{k}: ours {ours_eval[k]:.7f} vs TRL {theirs_eval[k]:.7f}"
     # It learned: the comparison is between two models that moved, not two frozen ones.
     assert ours[-1]["rewards/margins"] > ours[0]["rewards/margins"] + 0.05
     with open(root / f"{loss_type}_{lora_r}" / "runs" / "metrics.jsonl") as f:
