@@ -10,7 +10,10 @@ The question is wrapped with the prompt template the fine-tuning data was built 
 <|endoftext|>, and only the answer is printed. With no --question, every stdin line is a question
 and earlier questions and answers stay in the prompt (multi-turn); the oldest turns are dropped
 when the prompt would leave no room for --max_new_tokens, and a single turn that is still too long
-is left-truncated, as build_finetune_datasets.py does. A summary line per answer goes to stderr.
+is left-truncated, as build_finetune_datasets.py does. --single_turn answers every line alone: a small
+model fine-tuned mostly on single-turn data (the quickstart's) answers a question only at the start
+of the prompt, where it learned it, and after unrelated earlier turns says nothing or something else.
+A summary line per answer goes to stderr.
 """
 import argparse
 import sys
@@ -50,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lora", metavar="DIR", help="a LoRA adapter (finetune_lora.py) to apply to --checkpoint in memory")
     p.add_argument("--question", metavar="TEXT", help="the question; without it, questions are read from stdin")
     p.add_argument("--context", metavar="TEXT", help="optional context the question is about")
+    p.add_argument("--single_turn", action="store_true",
+                   help="stdin loop: answer every line alone, without the earlier turns in the prompt (for a model "
+                        "fine-tuned on single-turn data: it answers a question where it learned it, at the start)")
     add_sampling_args(p, max_new_tokens=128)
     add_decode_args(p)
     return p.parse_args(argv)
@@ -113,7 +119,9 @@ def main(argv=None):
             break
         question = line.strip()
         if question:
-            history.append((question, answer(streamer, enc, question, args.context, history, budget, totals)))
+            reply = answer(streamer, enc, question, args.context, history, budget, totals)
+            if not args.single_turn:
+                history.append((question, reply))
     totals.report(model)
 
 

@@ -201,6 +201,17 @@ def test_finetuned_stdin_prompts_equal_the_builders(tmp_path, monkeypatch, capfd
     assert model.prompts == [ex["prompt_ids"] for ex in built]
 
 
+def test_finetuned_single_turn_asks_every_line_alone(tmp_path, monkeypatch, capfd):
+    questions, answers = ["What are you?", "Are you a programmer?"], ["A man in a mask.", "Of course."]
+    model = ScriptedModel(answers)
+    monkeypatch.setattr(generate_finetuned, "load_for_generation", lambda *a, **k: model)
+    monkeypatch.setattr(generate_finetuned, "check_model_dirs", lambda args: None)
+    rc, out, err = in_process(generate_finetuned, capfd, "--checkpoint", tmp_path, "--temperature", 0, "--single_turn",
+                              stdin="\n".join(questions) + "\n", monkeypatch=monkeypatch)
+    assert rc == 0 and out.splitlines() == answers, err
+    assert model.prompts == [enc.encode_ordinary(format_prompt(q)) for q in questions]  # what --question gives
+
+
 def test_finetuned_drops_oldest_turns_to_fit(ckpt, monkeypatch, capfd):
     long_q = "Tell me about " + "the history of the world " * 6  # ~40 tokens a turn; budget is 64
     rc, out, err = in_process(generate_finetuned, capfd, "--checkpoint", ckpt, "--temperature", 0,
