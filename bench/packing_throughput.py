@@ -167,10 +167,10 @@ def main():
         model.doc_attention = backend
         model.train(key[2])
         batches = on_device[id(batches)]
-        return run_pass(model, opt, batches[:2] + batches[-1:] if warmup else batches, key[2], args.dtype == "bf16")
+        return run_pass(model, opt, batches[:1] + batches[-1:] if warmup else batches, key[2], args.dtype == "bf16")
 
     t0 = time.perf_counter()
-    for key in sides:  # warm-up (and flex attention's compile, a full and the last, shorter batch) untimed
+    for key in sides:  # warm-up (and flex attention's compile: a full and the last, shorter batch) untimed
         run(key, warmup=True)
     print(f"warm-up (flex attention compile included): {time.perf_counter() - t0:.0f} s")
     times = {key: [] for key in sides}
@@ -178,8 +178,12 @@ def main():
     for r in range(args.repeats):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             times[key].append(run(key))
-        print(f"round {r + 1}/{args.repeats} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\nround {r + 1}/{args.repeats} done, load average {os.getloadavg()[0]:.1f}; medians so far:",
+              flush=True)
+        report(sides, times, data, args)
 
+
+def report(sides, times, data, args):
     for train in (True, False):
         print(f"\n### {'training (forward + backward + AdamW)' if train else 'forward only (evaluation)'}, "
               f"{args.examples} examples, rows of {args.seq_len}, micro-batch {args.batch_size}\n")
@@ -197,8 +201,7 @@ def main():
                 base = base or rate
                 label = "padded (unpacked)" if side == "padded" else f"packed, {side}"
                 print(f"| {name} | {label} | {s['batches']} | {s['padding']:.1%} | {s['targets']:,} | {t:.2f} | "
-                      f"{rate:,.0f} | {rate / base:.2f}x |")
-
+                      f"{rate:,.0f} | {rate / base:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()
