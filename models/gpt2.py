@@ -194,26 +194,29 @@ class StaticKVCache:
     """
 
     def __init__(self, k, v, pos, logit_index):
-        self.k, self.v = k, v  # (n_layer, B, nh, L, hs) each
+        self.k, self.v = k, v  # one (B, nh, L, hs) buffer per layer each
         self.pos, self.logit_index = pos, logit_index
-        L = k.size(3)
-        self.attn_mask = (torch.arange(L, device=k.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, T, L)
+        L = k[0].size(2)
+        self.attn_mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, T, L)
         self.layer = 0
 
     @staticmethod
     def buffers(config, batch_size, length, device, dtype):
+        """(k, v): tuples of one buffer per layer. Separate buffers, not views of one: torch.compile
+        writes into a whole graph input in place, but copied a view's whole base at every layer."""
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, length, hs)
-        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, length, hs)
+        return tuple(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer))
+                     for _ in range(2))
 
     def begin(self, valid):
         self.layer = 0
         return self.pos[None]  # (1, T) position ids
 
     def update(self, k, v):
-        k_all, v_all = self.k[self.layer], self.v[self.layer]  # (B, nh, L, hs) views into the buffers
-        k_all.index_copy_(2, self.pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, self.pos, v.to(v_all.dtype))
+        k_all, v_all = self.k[self.layer], self.v[self.layer]  # (B, nh, L, hs) this layer's buffers
+        k_all[:, :, self.pos] = k.to(k_all.dtype)
+        v_all[:, :, self.pos] = v.to(v_all.dtype)
         self.layer += 1
         return k_all, v_all
 

@@ -107,7 +107,7 @@ class _StaticBuffers:
             w = model.transformer.wte.weight
             self.kv = StaticKVCache.buffers(model.config, batch_size, length, w.device, w.dtype)
             if w.device.type == "cuda":
-                for t in self.kv:
+                for t in (*self.kv[0], *self.kv[1]):
                     torch._dynamo.mark_static_address(t)
             self.key = key
         return self.kv
