@@ -58,7 +58,7 @@ def test_two_ranks_equal_one_and_resume_equals_uninterrupted(mode, tmp, run_scri
     assert_same(evals2, evals1, (4, 8), keys=[f"eval_{k}" for k in KEYS], tol=1e-4)
     assert two[8]["rewards/margins"] > two[1]["rewards/margins"] + 0.05 and evals2[8]["eval_rewards/accuracies"] >= 0.5
 
-    # Stopped after step 3 (capped run, its checkpoint at step 2... and 3), resumed at 1 rank to the end.
+    # A run capped at step 3 (its last checkpoint), then resumed at 1 rank to the end of the 8 steps.
     cut = f"{mode}_resumed"
     run_script("finetune_dpo.py", *dpo_args(tmp, cut, "--max_train_iters=3", "--gradient_accum_steps=1", *extra),
                nproc=2)
