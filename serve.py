@@ -19,7 +19,16 @@ import os
 import socket
 
 from utils.cli import UsageError, log, run
-from utils.generation.args import add_model_args, add_sampling_args, check_args, resolve_dtype
+from utils.generation.args import (
+    add_decode_args,
+    add_model_args,
+    add_sampling_args,
+    check_args,
+    check_decode_args,
+    check_model_dirs,
+    prepare_decoder,
+    resolve_dtype,
+)
 from utils.generation.loading import load_for_generation
 from utils.hardware import resolve_device
 
@@ -41,11 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--max_queue", type=int, default=16, metavar="N",
                    help="requests that may wait while one is generated; one more gets a 503 (default 16)")
     add_sampling_args(p, max_new_tokens=256)
+    add_decode_args(p)
     return p.parse_args(argv)
 
 
 def check_serve_args(args):
     check_args(args)
+    check_decode_args(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_queue < 0:
@@ -59,7 +70,7 @@ def load_model(args):
     device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
     model = load_for_generation(args.checkpoint, lora=args.lora, device=device, dtype=args.dtype)
-    return model, device
+    return prepare_decoder(model, args), device
 
 
 def listen(host, port) -> socket.socket:
@@ -81,7 +92,7 @@ def server_config(args, model):
     from utils.serving.queue import Sampling
     defaults = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, dtype=args.dtype)
+                        seed=args.seed, dtype=args.dtype, speculate=args.speculate)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
     return ServerConfig(model_name=name, block_size=model.config.block_size, defaults=defaults,
                         api_key=args.api_key, max_queue=args.max_queue)
@@ -90,6 +101,7 @@ def server_config(args, model):
 def main(argv=None):
     args = parse_args(argv)
     check_serve_args(args)
+    check_model_dirs(args)  # every input checked before the first line is printed
     sock = listen(args.host, args.port)
     model, device = load_model(args)
     import uvicorn

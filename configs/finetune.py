@@ -8,7 +8,7 @@ from configs.training import TrainingConfig
 @dataclass
 class FinetuneConfig(TrainingConfig):
     # the fields this script adds to its base's; a name in neither is refused (a likely typo)
-    own_fields: ClassVar[tuple[str, ...]] = ("pretrained_ckpt", "num_epochs")
+    own_fields: ClassVar[tuple[str, ...]] = ("pretrained_ckpt", "num_epochs", "pack")
 
     model_type: str = ""                 # empty = the checkpoint's; a preset name makes a mismatch an error
     pretrained_ckpt: str = "checkpoints/pretrain/final"  # model checkpoint dir (ours, or convert_hf_checkpoint.py's)

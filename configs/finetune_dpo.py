@@ -4,6 +4,7 @@ finetune_lora.py's fields, with lora_r = 0 meaning full DPO, plus DPO's own. TRL
 they have one (beta 0.1, sigmoid loss, no dropout, learning rate 1e-6 for full DPO).
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 from configs.finetune import FinetuneConfig
 from configs.finetune_lora import FinetuneLoRAConfig
@@ -11,6 +12,9 @@ from configs.finetune_lora import FinetuneLoRAConfig
 
 @dataclass
 class FinetuneDPOConfig(FinetuneLoRAConfig):
+    # the fields this script adds to its base's; a name in neither is refused (a likely typo)
+    own_fields: ClassVar[tuple[str, ...]] = ("beta", "loss_type", "label_smoothing", "precompute_ref")
+
     pretrained_ckpt: str = "checkpoints/finetune/final"  # the fine-tuned model to align (a model checkpoint dir)
     data_dir: str = "data/preference_built"  # build_finetune_datasets.py output of preference pairs
     beta: float = 0.1                    # strength of the pull towards the reference (DPO's beta; IPO's tau)

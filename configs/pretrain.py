@@ -12,7 +12,7 @@ from configs.training import TrainingConfig
 @dataclass
 class PretrainConfig(TrainingConfig):
     # the fields this script adds to its base's; a name in neither is refused (a likely typo)
-    own_fields: ClassVar[tuple[str, ...]] = ("datasources",)
+    own_fields: ClassVar[tuple[str, ...]] = ("datasources", "doc_mask")
 
     model_type: str = "gpt2-xl"          # 1558M parameters
     # Mixture of built datasets as "dir:weight" pairs, e.g. the original's blend:

@@ -103,6 +103,8 @@ class Streamer:
         self.model, self.device = model, device
         self.sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                              repetition_penalty=args.repetition_penalty)
+        if getattr(args, "speculate", None) is not None:  # per request (the server); else the decoder's default
+            self.sampling["speculate"] = args.speculate
         self.max_new_tokens = args.max_new_tokens
         self.seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.bf16 = args.dtype == "bfloat16"

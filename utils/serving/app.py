@@ -66,6 +66,8 @@ def sampling_for(req, defaults: Sampling, max_tokens: int) -> Sampling:
         check_sampling_args(s.temperature, s.top_k or None, s.top_p, s.repetition_penalty)
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from None
+    if s.temperature != 0 or s.repetition_penalty != 1.0:  # speculation gives greedy tokens only
+        s = replace(s, speculate="none")
     return s
 
 

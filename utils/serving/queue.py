@@ -32,6 +32,7 @@ class Sampling:
     max_new_tokens: int
     seed: int | None
     dtype: str
+    speculate: str = "none"     # "lookup": prompt-lookup drafts (the server's --speculate; greedy requests only)
 
 
 @dataclass
