@@ -55,6 +55,9 @@ class FinetuneDPOConfig(FinetuneLoRAConfig):
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"--label_smoothing applies to --loss_type=sigmoid only (as in TRL), not "
                               f"{self.loss_type}")
+        if self.pack:
+            raise ConfigError("--pack=true is not implemented for finetune_dpo.py yet (a pair's chosen and rejected "
+                              "rows are padded, as TRL does by default); leave --pack unset")
         if self.lora_r < 0:
             raise ConfigError(f"--lora_r must be >= 0 (0 = full DPO), got {self.lora_r}")
         if self.lora_r and (self.train_bias or self.train_embeddings):

@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,12 +163,13 @@ class ScriptedModel:
     def __init__(self, answers, block_size=1024):
         self.answers, self.prompts = list(answers), []
         self.config = GPT2Config(block_size=block_size)
+        self.transformer = SimpleNamespace(wte=SimpleNamespace(weight=torch.zeros(1)))  # where it "lives": the CPU
 
-    def generate(self, idx, max_new_tokens, callback=None, **_):
+    def generate_tokens(self, idx, _, max_new_tokens, **__):
+        """The decoder's token-by-token form, as utils.generation.streaming drives it."""
         self.prompts.append(idx[0].tolist())
         for token in enc.encode_ordinary(" " + self.answers.pop(0)) + [END_TOKEN]:
-            if callback(torch.tensor([token])):
-                break
+            yield torch.tensor([token])
 
 
 def test_finetuned_stdin_prompts_equal_the_builders(tmp_path, monkeypatch, capfd):
