@@ -620,6 +620,7 @@ class PreferenceLoader(FinetuneLoader):
                                    f"have an answer that does not fit: rebuild it with build_finetune_datasets.py "
                                    f"--max_seq_len {max_seq_length} (which drops those) or raise --max_seq_length")
         self._perm = (None, None)
+        self.pack = False  # pairs are padded (FinetuneLoader's len/order read this)
 
     def pair(self, i):
         return self._prompts[i], self._chosen[i], self._rejected[i]
