@@ -608,7 +608,8 @@ def packed_preference_collate(rows, row_length, pad_id=EOT_TOKEN, max_seq_length
 
     rows: one list of (index, (prompt_ids, chosen_ids, rejected_ids)) per row. Each pair is tokenised exactly
     as preference_collate does it; its chosen then its rejected sequence take the next two documents of the row;
-    the padding after the last pair is `pad_id` with label -100 and a document of its own."""
+    the padding after the last pair is `pad_id` with label -100, documents of its own of at most row_length / 2
+    tokens (row_length is 2 x max_seq_length: no document is longer than the model's block_size)."""
     n_pairs = sum(len(row) for row in rows)
     input_ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), row_length), IGNORE_INDEX, dtype=torch.long)
@@ -626,7 +627,9 @@ def packed_preference_collate(rows, row_length, pad_id=EOT_TOKEN, max_seq_length
                 s, d = s + len(x), d + 1
             index.append(i)
             k += 1
-        doc_ids[b, s:] = d
+        # The padding: documents of at most row_length / 2 (max_seq_length) tokens, as its positions must
+        # stay below the model's block_size too.
+        doc_ids[b, s:] = d + torch.arange(row_length - s) // max(row_length // 2, 1)
     return PackedPreferenceBatch(input_ids, labels, doc_ids, torch.as_tensor(index, dtype=torch.long), sequence)
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import finetune_dpo
-from custom_dataset import PreferenceLoader
+from custom_dataset import PreferenceLoader, packed_preference_collate
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
-from utils.checkpoints.model import save_model
+from utils.checkpoints.model import load_model, save_model
+from utils.training.dpo import answer_logps
 from utils.training.metrics import read_metrics
 
 PAIRS, SEQ = 8, 128  # rows of 2 x 128 tokens: longer than the model's block_size (positions restart per document)
@@ -52,3 +53,16 @@ def test_packed_step_equals_unpacked(setup, loss_type, extra):
             assert abs(packed[s][k] - steps[s][k]) <= 1e-5, (s, k, packed[s][k], steps[s][k])
     for k in METRICS:  # the evaluation (by pair, unpacked) of the two runs' final models
         assert abs(packed_evals[2][f"eval_{k}"] - evals[2][f"eval_{k}"]) <= 1e-5, k
+
+
+def test_row_mostly_padding(setup):
+    """One pair alone in a row of 2 x 128 tokens: the padding (~200 tokens, more than block_size) still gets
+    positions the model has; the pair's log-probs equal its unpacked ones."""
+    root, _ = setup
+    loader = PreferenceLoader(root / "data" / "train.jsonl", 1, shuffle=False, max_seq_length=SEQ)
+    model = load_model(root / "base").eval()
+    packed = packed_preference_collate([[(0, loader.pair(0))]], 2 * SEQ, max_seq_length=SEQ)
+    assert (packed.labels == -100).sum() > SEQ
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logps(model, packed), answer_logps(model, loader.collate([0])),
+                                   rtol=0, atol=1e-5)
