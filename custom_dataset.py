@@ -487,7 +487,8 @@ class FinetuneLoader(_GlobalOrder):
             if not len(self._lengths):
                 raise EmptySplitError(f"{path}: no example has a token to train on; rebuild it with "
                                       f"build_finetune_datasets.py")
-            self._rows = (0, plan_rows(self._lengths, max_seq_length, self.seed, 0, self.shuffle))
+            self.row_length = max_seq_length
+            self._rows = (0, plan_rows(self._lengths, self.row_length, self.seed, 0, self.shuffle))
 
     def __len__(self):
         """Samples per epoch: examples, or packed rows (the same count in every epoch)."""
@@ -501,7 +502,7 @@ class FinetuneLoader(_GlobalOrder):
         """Example indices of the g-th packed row of the global stream."""
         epoch, i = divmod(g, len(self))
         if self._rows[0] != epoch:
-            self._rows = (epoch, plan_rows(self._lengths, self.max_seq_length, self.seed, epoch, self.shuffle))
+            self._rows = (epoch, plan_rows(self._lengths, self.row_length, self.seed, epoch, self.shuffle))
         return [int(self._packable[j]) for j in self._rows[1][i]]
 
     @property
@@ -566,16 +567,70 @@ class PreferenceBatch(NamedTuple):
     index: torch.Tensor
 
 
+def _truncate_pair(p, c, r, max_seq_length):
+    """Over max_seq_length, the prompt loses its start until prompt + the longer answer fit (what
+    build_finetune_datasets.py does, and TRL)."""
+    if max_seq_length is not None and len(p) + max(len(c), len(r)) > max_seq_length:
+        p = p[len(p) + max(len(c), len(r)) - max_seq_length:]
+    return p, c, r
+
+
 def preference_collate(pairs, index, pad_id=EOT_TOKEN, max_seq_length=None) -> PreferenceBatch:
-    """(prompt_ids, chosen_ids, rejected_ids) triples -> PreferenceBatch. Over max_seq_length, the prompt loses
-    its start until prompt + the longer answer fit (what build_finetune_datasets.py does, and TRL)."""
-    rows = []
-    for p, c, r in pairs:
-        if max_seq_length is not None and len(p) + max(len(c), len(r)) > max_seq_length:
-            p = p[len(p) + max(len(c), len(r)) - max_seq_length:]
-        rows.append((p, c, r))
+    """(prompt_ids, chosen_ids, rejected_ids) triples -> PreferenceBatch (truncated by `_truncate_pair`)."""
+    rows = [_truncate_pair(p, c, r, max_seq_length) for p, c, r in pairs]
     x, y = finetune_collate([(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows], pad_id=pad_id)
     return PreferenceBatch(x, y, torch.as_tensor(index, dtype=torch.long))
+
+
+class PackedPreferenceBatch(NamedTuple):
+    """DPO's packed micro-batch: rows holding whole pairs, a pair's chosen and rejected sequences side by side
+    in one row as two documents (each attends only to itself, positions from 0).
+
+    input_ids, labels, doc_ids: (B, T) int64 as in PackedBatch; index: (P,) the line numbers of the P pairs
+    the rows hold; sequence: (B, T) which of the 2P sequences each token belongs to, numbered as
+    PreferenceBatch's rows (chosen of pair k = k, rejected = P + k; padding = 2P), so that segment sums over
+    it give exactly PreferenceBatch's per-row sums (utils/training/dpo.py)."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+    index: torch.Tensor
+    sequence: torch.Tensor
+
+
+def _pair_tokens(p, c, r, max_seq_length):
+    """The pair's chosen and rejected sequences, tokenised as preference_collate does: ((x, y), (x, y))."""
+    p, c, r = _truncate_pair(p, c, r, max_seq_length)
+    return _example_tokens((p, c), None), _example_tokens((p, r), None)
+
+
+def packed_preference_collate(rows, row_length, pad_id=EOT_TOKEN, max_seq_length=None) -> PackedPreferenceBatch:
+    """Rows of pairs -> PackedPreferenceBatch of shape (len(rows), row_length).
+
+    rows: one list of (index, (prompt_ids, chosen_ids, rejected_ids)) per row. Each pair is tokenised exactly
+    as preference_collate does it; its chosen then its rejected sequence take the next two documents of the row;
+    the padding after the last pair is `pad_id` with label -100, documents of its own of at most row_length / 2
+    tokens (row_length is 2 x max_seq_length: no document is longer than the model's block_size)."""
+    n_pairs = sum(len(row) for row in rows)
+    input_ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), row_length), IGNORE_INDEX, dtype=torch.long)
+    doc_ids = torch.zeros((len(rows), row_length), dtype=torch.long)
+    sequence = torch.full((len(rows), row_length), 2 * n_pairs, dtype=torch.long)
+    index, k = [], 0
+    for b, pairs in enumerate(rows):
+        s, d = 0, 0
+        for i, (p, c, r) in pairs:
+            for seq_number, (x, y) in zip((k, n_pairs + k), _pair_tokens(p, c, r, max_seq_length)):
+                if s + len(x) > row_length:
+                    raise ValueError(f"row {b} holds {s + len(x)} tokens, more than row_length {row_length}")
+                input_ids[b, s:s + len(x)], labels[b, s:s + len(x)] = torch.from_numpy(x), torch.from_numpy(y)
+                doc_ids[b, s:s + len(x)], sequence[b, s:s + len(x)] = d, seq_number
+                s, d = s + len(x), d + 1
+            index.append(i)
+            k += 1
+        # The padding: documents of at most row_length / 2 (max_seq_length) tokens, as its positions must
+        # stay below the model's block_size too.
+        doc_ids[b, s:] = d + torch.arange(row_length - s) // max(row_length // 2, 1)
+    return PackedPreferenceBatch(input_ids, labels, doc_ids, torch.as_tensor(index, dtype=torch.long), sequence)
 
 
 def load_pairs(path):
@@ -599,10 +654,15 @@ def load_pairs(path):
 
 
 class PreferenceLoader(FinetuneLoader):
-    """FinetuneLoader's order (shuffled per epoch, resumable, any world size) over preference pairs."""
+    """FinetuneLoader's order (shuffled per epoch, resumable, any world size) over preference pairs.
+
+    pack=True: batches of PackedPreferenceBatch rows of 2 x max_seq_length tokens (the room one pair takes
+    unpacked at its longest, so every pair fits one row), a pair being one packing unit of its two sequences'
+    tokens; planned by the same best-fit decreasing per epoch (`plan_rows`), so the same at every world size and
+    resumable mid-epoch; len() then counts rows. `collate` stays unpacked (reference log-probs by pair)."""
 
     def __init__(self, path, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
-                 max_seq_length=None, shuffle=True):
+                 max_seq_length=None, shuffle=True, pack=False):
         if not os.path.isfile(path):
             hint = not_built_hint(os.path.dirname(path) or ".", "finetune")
             raise FileNotFoundError(f"preference data {path} not found: {hint}")
@@ -620,7 +680,18 @@ class PreferenceLoader(FinetuneLoader):
                                    f"have an answer that does not fit: rebuild it with build_finetune_datasets.py "
                                    f"--max_seq_len {max_seq_length} (which drops those) or raise --max_seq_length")
         self._perm = (None, None)
-        self.pack = False  # pairs are padded (FinetuneLoader's len/order read this)
+        self.pack = bool(pack)
+        if self.pack:
+            if max_seq_length is None:
+                raise ValueError("pack=True needs max_seq_length (a packed row holds 2 x max_seq_length tokens)")
+            # A pair's tokens in a row: its two sequences after _truncate_pair, each len(prompt + answer) - 1.
+            n_p, n_c, n_r = (np.array([len(a) for a in arrays]) for arrays in (self._prompts, self._chosen,
+                                                                                 self._rejected))
+            n_p = n_p - np.maximum(n_p + np.maximum(n_c, n_r) - max_seq_length, 0)
+            self._lengths = np.maximum(n_p + n_c - 1, 0) + np.maximum(n_p + n_r - 1, 0)
+            self._packable = np.arange(len(self._lengths))
+            self.row_length = 2 * max_seq_length
+            self._rows = (0, plan_rows(self._lengths, self.row_length, self.seed, 0, self.shuffle))
 
     def pair(self, i):
         return self._prompts[i], self._chosen[i], self._rejected[i]
@@ -629,8 +700,13 @@ class PreferenceLoader(FinetuneLoader):
         return preference_collate([self.pair(i) for i in picked], picked, pad_id=EOT_TOKEN,
                                   max_seq_length=self.max_seq_length)
 
-    def next_batch(self) -> PreferenceBatch:
+    def next_batch(self) -> PreferenceBatch | PackedPreferenceBatch:
         start = self.position + self._my_offset()
+        if self.pack:
+            rows = [[(i, self.pair(i)) for i in self._row(g)] for g in range(start, start + self.micro_batch_size)]
+            self._advance()
+            return packed_preference_collate(rows, self.row_length, pad_id=EOT_TOKEN,
+                                             max_seq_length=self.max_seq_length)
         batch = self.collate([self._example_index(g) for g in range(start, start + self.micro_batch_size)])
         self._advance()
         return batch

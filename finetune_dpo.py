@@ -35,7 +35,7 @@ def main(argv=None):
         return PreferenceLoader(os.path.join(cfg.data_dir, f"{split}.jsonl"), cfg.micro_batch_size,
                                 cfg.gradient_accum_steps if split == "train" else 1, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.seed, max_seq_length=cfg.max_seq_length,
-                                shuffle=split == "train")
+                                shuffle=split == "train", pack=cfg.pack and split == "train")  # eval: by pair
 
     def save_final(state_dict, model, directory):
         if not cfg.lora_r:

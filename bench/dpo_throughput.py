@@ -3,6 +3,12 @@ the same model, the same pairs in the same batches, the same CPU, one run.
 
     python bench/dpo_throughput.py                      # 4 layers, 4 heads, 256 wide; 8 pairs a step; fp32
     python bench/dpo_throughput.py --lora_r 8           # LoRA (TRL: a PEFT model, reference = adapter off)
+    python bench/dpo_throughput.py --pack               # ours padded against ours packed (--pack=true), no TRL
+
+--pack: one pass over the same pairs per side per round, with long-tailed prompts (0-16 context sentences):
+padded micro-batches of --pairs pairs, against packed rows of 2 x 256 tokens (custom_dataset.plan_rows and
+packed_preference_collate, as finetune_dpo.py --pack=true), --pairs rows a micro-batch (what a user gets by
+adding --pack=true); full DPO, each micro-batch a step. Reports tokens/s and the padding of each side.
 
 One step = the policy forward of chosen and rejected rows, the reference forward, the loss, backward, gradient
 clipping and an AdamW step. Ours: DPO.loss (one concatenated forward through models/loss.py's chunked
@@ -37,8 +43,9 @@ from utils.training.dpo import DPO  # noqa: E402
 TARGETS = ("attn.c_proj", "mlp.c_fc")
 
 
-def make_pairs(n, seed=0):
-    """Colour questions with a context paragraph: prompts ~60-90 tokens, answers 5-25."""
+def make_pairs(n, seed=0, contexts=(6, 10)):
+    """Colour questions with a context paragraph of `contexts` sentences (6-10: prompts ~60-90 tokens),
+    answers 5-25 tokens."""
     import random
     rng = random.Random(seed)
     enc = get_tokenizer()
@@ -48,7 +55,7 @@ def make_pairs(n, seed=0):
     for _ in range(n):
         c, wrong, t = *rng.sample(colours, 2), rng.choice(things)
         context = " ".join(f"The {rng.choice(things)} next to it is {rng.choice(colours)}."
-                           for _ in range(rng.randint(6, 10)))
+                           for _ in range(rng.randint(*contexts)))
         prompt = format_prompt(f"What colour is the {t}?", context=f"{context} The {t} is {c}.")
         chosen = f"The {t} is {c}." + " It says so above." * rng.randint(0, 3)
         rejected = f"I think it is {wrong}." + " Maybe." * rng.randint(0, 4)
@@ -65,9 +72,15 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--lora_r", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--pack", action="store_true", help="ours padded vs ours packed (see above)")
+    ap.add_argument("--pass_pairs", type=int, default=48, help="--pack: pairs in one pass")
+    ap.add_argument("--doc_attention", default=None, help="--pack: the attention path (models/attention.py "
+                    "BACKENDS; default: the device's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pack:
+        return bench_packing(args)
     import datasets
     import peft
     import trl
@@ -154,6 +167,59 @@ def main():
     print(f"ours: {statistics.median(rates['ours']):,.0f} tokens/s (median; best {max(rates['ours']):,.0f})")
     print(f"TRL DPOTrainer: {statistics.median(rates['trl']):,.0f} tokens/s (median; best {max(rates['trl']):,.0f})")
     print(f"ours / TRL: {statistics.median(ratios):.2f}x (median of per-round ratios; min {min(ratios):.2f}, "
+          f"max {max(ratios):.2f})")
+
+
+def bench_packing(args):
+    from custom_dataset import packed_preference_collate, plan_rows
+    torch.manual_seed(0)
+    T = 256
+    config = GPT2Config(n_layer=args.n_layer, n_head=4, n_embd=args.n_embd, block_size=T)
+    base = GPT2LMHeadModel(config)
+    model, reference = copy.deepcopy(base).train(), copy.deepcopy(base).eval().requires_grad_(False)
+    model.doc_attention = reference.doc_attention = args.doc_attention
+    dpo = DPO(FinetuneDPOConfig(micro_batch_size=args.pairs), None)
+    dpo.reference = reference
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    pairs = [tuple(torch.tensor(a) for a in p) for p in make_pairs(args.pass_pairs, contexts=(0, 16))]
+    padded = [preference_collate(pairs[i:i + args.pairs], list(range(i, min(i + args.pairs, len(pairs)))),
+                                 max_seq_length=T) for i in range(0, len(pairs), args.pairs)]
+    lengths = [len(p) + len(c) - 1 + len(p) + len(r) - 1 for p, c, r in pairs]
+    rows = [[(i, pairs[i]) for i in row] for row in plan_rows(lengths, 2 * T, seed=0, epoch=0)]
+    packed = [packed_preference_collate(rows[i:i + args.pairs], 2 * T, max_seq_length=T)
+              for i in range(0, len(rows), args.pairs)]
+    tokens = sum(lengths)
+
+    def padding(batches):
+        return 1 - tokens / sum(b.input_ids.numel() for b in batches)
+
+    def step(b):
+        loss, _ = dpo.loss(model, b)
+        (loss / b.index.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(padded[0])  # warm-up
+    step(packed[0])
+    rates = {"padded": [], "packed": []}
+    for r in range(args.rounds):
+        sides = [("padded", padded), ("packed", packed)]
+        for name, batches in (sides if r % 2 == 0 else sides[::-1]):
+            t0 = time.perf_counter()
+            for b in batches:
+                step(b)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    ratios = [a / b for a, b in zip(rates["packed"], rates["padded"])]
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} "
+          f"cores, {torch.get_num_threads()} threads, fp32; model {args.n_layer} layers, {args.n_embd} wide; "
+          f"{len(pairs)} pairs a pass (pair tokens {min(lengths)}-{max(lengths)}), {args.rounds} rounds; packed "
+          f"attention: {args.doc_attention or 'the default'}")
+    for name, batches in (("padded", padded), ("packed", packed)):
+        print(f"{name}: {len(batches)} micro-batches, {sum(b.input_ids.size(0) for b in batches)} rows, padding "
+              f"{padding(batches):.1%}, {statistics.median(rates[name]):,.0f} tokens/s (median; best "
+              f"{max(rates[name]):,.0f})")
+    print(f"packed / padded: {statistics.median(ratios):.2f}x (median of per-round ratios; min {min(ratios):.2f}, "
           f"max {max(ratios):.2f})")
 
 

@@ -25,7 +25,7 @@ class FinetuneDPOConfig(FinetuneLoRAConfig):
     lora_dropout: float = 0.0            # dropout is off in DPO (as TRL): step 1's loss is ln 2
 
     num_epochs: int = 1
-    micro_batch_size: int = 4            # pairs per micro-batch (the forward holds twice as many rows)
+    micro_batch_size: int = 4            # pairs per micro-batch (twice as many rows); --pack=true: packed rows
     gradient_accum_steps: int = 8
     max_lr: float = 1e-6
     min_lr: float = 1e-7
@@ -55,9 +55,6 @@ class FinetuneDPOConfig(FinetuneLoRAConfig):
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"--label_smoothing applies to --loss_type=sigmoid only (as in TRL), not "
                               f"{self.loss_type}")
-        if self.pack:
-            raise ConfigError("--pack=true is not implemented for finetune_dpo.py yet (a pair's chosen and rejected "
-                              "rows are padded, as TRL does by default); leave --pack unset")
         if self.lora_r < 0:
             raise ConfigError(f"--lora_r must be >= 0 (0 = full DPO), got {self.lora_r}")
         if self.lora_r and (self.train_bias or self.train_embeddings):

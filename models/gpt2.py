@@ -284,13 +284,15 @@ class GPT2LMHeadModel(nn.Module):
 
         `doc_ids` (B, T), optional (packed rows, training and evaluation): the document of each token; a new
         one starts where the id changes. Each document then attends only to itself and its positions restart
-        at 0, exactly as if it ran alone. Without it: plain causal attention over the whole row.
+        at 0, exactly as if it ran alone (so a row may be longer than block_size; a document may not).
+        Without it: plain causal attention over the whole row.
         """
         B, T = idx.size()
         docs = None
         if doc_ids is not None:
             assert cache is None, "doc_ids are for training and evaluation, not for the KV cache"
-            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            # No T <= block_size here: a row may hold more (DPO packs a pair's two sequences in one); each
+            # document's positions restart at 0, and one longer than block_size fails at the position embedding.
             docs = DocumentMask(doc_ids, self.doc_attention, dropout=self.training and self.config.attn_dropout > 0)
             pos = docs.positions  # (B, T)
         elif cache is None:

@@ -1,6 +1,7 @@
 """finetune_dpo.py for real, as test_training.py runs the other scripts: torchrun with 2 CPU ranks (gloo),
 1 rank x 2 accumulation steps equal to 2 ranks, a resumed run equal to an uninterrupted one (the precomputed
-reference read back, not recomputed), and the LoRA adapter merged by convert_lora_checkpoint.py."""
+reference read back, not recomputed; packed rows resumed mid-epoch), and the LoRA adapter merged by
+convert_lora_checkpoint.py."""
 import json
 
 import pytest
@@ -44,10 +45,12 @@ def assert_same(a, b, steps, keys=KEYS, tol=1e-5):
             assert abs(a[s][k] - b[s][k]) <= tol, (s, k, a[s][k], b[s][k])
 
 
-@pytest.mark.parametrize("mode", ["full", "precompute", "lora"])
+@pytest.mark.parametrize("mode", ["full", "precompute", "lora", "packed"])
 def test_two_ranks_equal_one_and_resume_equals_uninterrupted(mode, tmp, run_script, read_metrics):
+    # packed: rows of 2 x 64 tokens holding 2 pairs each, 2 rows a micro-batch: again 8 pairs a step, 4 steps an epoch
     extra = {"full": [], "precompute": ["--precompute_ref=true"],
-             "lora": ["--lora_r=4", "--lora_alpha=16", "--max_lr=2e-2", "--min_lr=2e-2"]}[mode]
+             "lora": ["--lora_r=4", "--lora_alpha=16", "--max_lr=2e-2", "--min_lr=2e-2"],
+             "packed": ["--pack=true", "--max_seq_length=64", "--micro_batch_size=2"]}[mode]
     run_script("finetune_dpo.py", *dpo_args(tmp, f"{mode}2", "--gradient_accum_steps=1", *extra), nproc=2)
     run_script("finetune_dpo.py", *dpo_args(tmp, f"{mode}1", "--gradient_accum_steps=2", *extra))
     two, evals2 = records(read_metrics, tmp, f"{mode}2")

@@ -37,10 +37,24 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
+def per_sequence(batch, values):
+    """(2B,) sums of (rows, T) per-token `values` over each chosen/rejected sequence, [chosen..., rejected...]:
+    a row's sum (PreferenceBatch), or, packed (custom_dataset.PackedPreferenceBatch), the segment sums over the
+    tokens of each sequence, wherever in which row it lies."""
+    if not hasattr(batch, "sequence"):
+        return values.sum(dim=1)
+    n = 2 * batch.index.numel()  # the padding is sequence n: summed apart, then dropped
+    sums = torch.zeros(n + 1, dtype=values.dtype, device=values.device)
+    return sums.index_add_(0, batch.sequence.flatten(), values.flatten())[:n]
+
+
 def answer_logps(model, batch):
-    """(2B,) summed log-probabilities of each row's answer tokens (the labels that are not -100)."""
-    _, nll = model(batch.input_ids, targets=batch.labels, reduction="none", return_logits=False)  # (2B, T)
-    return -nll.sum(dim=1)
+    """(2B,) summed log-probabilities of each sequence's answer tokens (the labels that are not -100). Packed rows
+    go through the model with their doc_ids: each sequence attends only to itself, positions from 0."""
+    doc_ids = getattr(batch, "doc_ids", None)
+    _, nll = model(batch.input_ids, targets=batch.labels, reduction="none", return_logits=False,
+                   doc_ids=doc_ids)  # (rows, T), 0 where the label is -100
+    return per_sequence(batch, -nll)
 
 
 def preference_loss(policy, reference, n_answer, beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -99,7 +113,7 @@ class DPO:
 
     def _precompute(self, model, loaders, step, info):
         path = os.path.join(self.cfg.ckpt_dir, REFERENCE_FILE)
-        sizes = {split: len(loader) for split, loader in loaders.items() if loader is not None}
+        sizes = {split: loader.num_examples for split, loader in loaders.items() if loader is not None}
         if step > 0:  # the policy has moved on: only the saved values are the reference
             if not os.path.isfile(path):
                 raise UserError(f"{path} is missing: this run precomputed its reference log-probabilities before "
@@ -129,7 +143,7 @@ class DPO:
     def _pair_terms(self, model, batch, split):
         policy = answer_logps(model, batch)
         reference = self._reference_logps(model, batch, split)
-        n_answer = (batch.labels != IGNORE_INDEX).sum(dim=1)
+        n_answer = per_sequence(batch, (batch.labels != IGNORE_INDEX).long())
         return preference_loss(policy, reference, n_answer, self.cfg.beta, self.cfg.loss_type,
                                self.cfg.label_smoothing)
 
@@ -169,7 +183,7 @@ class DPO:
 def reference_table(model, loader: PreferenceLoader, micro_batch_size, info):
     """(N, 2) summed answer log-probabilities (chosen, rejected) of every pair of the loader's file under `model`:
     the ranks share the pairs (all run the same number of forwards, as FSDP needs), then gather them."""
-    n, W = len(loader), info.world_size
+    n, W = loader.num_examples, info.world_size  # pairs (a packed loader's len() counts rows)
     chunks = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
     mine = []
     rounds = math.ceil(len(chunks) / W)
