@@ -68,8 +68,10 @@ def test_killed_launcher_stops_its_workers_and_the_lock_names_the_holder(tmp_pat
         second = run_script("pretrain.py", *args, "--resume=auto", check=False)
         assert second.returncode == 2 and second.stderr.strip().splitlines() == [refusal], second.stderr[-3000:]
         second = run_script("pretrain.py", *args, "--resume=auto", check=False, nproc=2)
-        errors = [line for line in second.stderr.splitlines() if "pretrain.py: error:" in line]
+        # Printed once (rank 0); torchrun's summary then quotes it as the failed workers' "traceback".
+        errors = [line for line in second.stderr.splitlines() if line.startswith("pretrain.py: error:")]
         assert second.returncode != 0 and errors == [refusal], second.stderr[-3000:]
+        assert f"traceback : {refusal}" in second.stderr, second.stderr[-3000:]
 
         # The launcher dies without a chance to forward anything: its workers stop by themselves.
         os.kill(launcher.pid, signal.SIGKILL)
