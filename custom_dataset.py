@@ -432,24 +432,31 @@ def check_lengths(path, prompts, completions, max_seq_length, log=True):
               f"lose the start of their prompt", file=sys.stderr, flush=True)
 
 
-def load_examples(path):
-    """(prompts, completions): lists of int32 arrays from a train.jsonl / val.jsonl."""
-    prompts, completions = [], []
+def load_id_lists(path, keys, shape):
+    """One list of int32 arrays per key, from a train.jsonl / val.jsonl of token-id lists (every key but the
+    first, the prompt, must be non-empty: an answer). `shape` names the expected line in the error."""
+    out = tuple([] for _ in keys)
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
-                p, c = ex["prompt_ids"], ex["completion_ids"]
-                if not isinstance(p, list) or not isinstance(c, list) or not c:
+                ids = [ex[k] for k in keys]
+                if not all(isinstance(a, list) for a in ids) or not all(ids[1:]):
                     raise TypeError
             except (ValueError, KeyError, TypeError):
-                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\": [...], \"completion_ids\": [...]}} "
-                                 f"with a non-empty completion; rebuild it with build_finetune_datasets.py") from None
-            prompts.append(np.asarray(p, dtype=np.int32))
-            completions.append(np.asarray(c, dtype=np.int32))
-    return prompts, completions
+                raise DatasetError(f"{path}:{lineno}: expected {shape}; rebuild it with "
+                                   "build_finetune_datasets.py") from None
+            for dst, a in zip(out, ids):
+                dst.append(np.asarray(a, dtype=np.int32))
+    return out
+
+
+def load_examples(path):
+    """(prompts, completions): lists of int32 arrays from a train.jsonl / val.jsonl."""
+    return load_id_lists(path, ("prompt_ids", "completion_ids"),
+                         '{"prompt_ids": [...], "completion_ids": [...]} with a non-empty completion')
 
 
 class FinetuneLoader(_GlobalOrder):
@@ -635,22 +642,8 @@ def packed_preference_collate(rows, row_length, pad_id=EOT_TOKEN, max_seq_length
 
 def load_pairs(path):
     """(prompts, chosen, rejected): lists of int32 arrays from a preference train.jsonl / val.jsonl."""
-    out = ([], [], [])
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ids = [ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
-                if not all(isinstance(a, list) for a in ids) or not ids[1] or not ids[2]:
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt_ids\", \"chosen_ids\", \"rejected_ids\"}} "
-                                   "lists with non-empty answers; rebuild it with build_finetune_datasets.py") from None
-            for dst, a in zip(out, ids):
-                dst.append(np.asarray(a, dtype=np.int32))
-    return out
+    return load_id_lists(path, ("prompt_ids", "chosen_ids", "rejected_ids"),
+                         '{"prompt_ids", "chosen_ids", "rejected_ids"} lists with non-empty answers')
 
 
 class PreferenceLoader(FinetuneLoader):
