@@ -65,14 +65,18 @@ def _write_pretrain_data(directory, n_docs=1500):
     return directory
 
 
+# The built fine-tuning and preference fixtures ask about the colour of things.
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+THINGS = ["apple", "car", "house", "bird", "boat", "flower", "book", "door"]
+
+
 def _write_finetune_data(directory, n_train=96, n_val=16):
     """A built fine-tuning dataset (train.jsonl/val.jsonl of prompt_ids/completion_ids)."""
     from utils.prompt_template import format_completion, format_prompt
     from utils.tokenizer import get_tokenizer
     enc = get_tokenizer()
     rng = random.Random(1)
-    colours = ["red", "green", "blue", "yellow", "black", "white"]
-    things = ["apple", "car", "house", "bird", "boat", "flower", "book", "door"]
+    colours, things = COLOURS, THINGS
     os.makedirs(directory, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
         with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
@@ -93,8 +97,7 @@ def _write_preference_data(directory, n_train=64, n_val=16, seed=2):
     from utils.tokenizer import get_tokenizer
     enc = get_tokenizer()
     rng = random.Random(seed)
-    colours = ["red", "green", "blue", "yellow", "black", "white"]
-    things = ["apple", "car", "house", "bird", "boat", "flower", "book", "door"]
+    colours, things = COLOURS, THINGS
     os.makedirs(directory, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
         with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
