@@ -13,13 +13,14 @@ from configs.finetune_lora import FinetuneLoRAConfig
 @dataclass
 class FinetuneDPOConfig(FinetuneLoRAConfig):
     # the fields this script adds to its base's; a name in neither is refused (a likely typo)
-    own_fields: ClassVar[tuple[str, ...]] = ("beta", "loss_type", "label_smoothing", "precompute_ref")
+    own_fields: ClassVar[tuple[str, ...]] = ("beta", "loss_type", "label_smoothing", "sft_weight", "precompute_ref")
 
     pretrained_ckpt: str = "checkpoints/finetune/final"  # the fine-tuned model to align (a model checkpoint dir)
     data_dir: str = "data/preference_built"  # build_finetune_datasets.py output of preference pairs
     beta: float = 0.1                    # strength of the pull towards the reference (DPO's beta; IPO's tau)
     loss_type: str = "sigmoid"           # sigmoid (DPO), ipo, hinge (SLiC)
     label_smoothing: float = 0.0         # sigmoid only: assumed rate of flipped preferences (conservative DPO)
+    sft_weight: float = 0.0              # + this x the chosen answers' NLL per token (RPO; TRL's "sft" loss term)
     precompute_ref: bool = False         # reference log-probs computed once, before step 1 (kept in ckpt_dir)
     lora_r: int = 0                      # 0 = full DPO; >= 1 = LoRA, the reference being the adapter switched off
     lora_dropout: float = 0.0            # dropout is off in DPO (as TRL): step 1's loss is ln 2
@@ -48,6 +49,8 @@ class FinetuneDPOConfig(FinetuneLoRAConfig):
             FinetuneConfig.validate(self)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"--sft_weight must be >= 0, got {self.sft_weight}")
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

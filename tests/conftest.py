@@ -105,7 +105,10 @@ def _write_preference_data(directory, n_train=64, n_val=16, seed=2):
                 c, wrong, t = *rng.sample(colours, 2), rng.choice(things)
                 prompt = format_prompt(f"What colour is the {t}?", context=f"The {t} is {c}.")
                 f.write(json.dumps({"prompt_ids": enc.encode_ordinary(prompt),
-                                    "chosen_ids": enc.encode_ordinary(format_completion(f"The {t} is {c}.")),
+                                    # chosen answers of two lengths (per-token vs per-answer averages differ)
+                                    "chosen_ids": enc.encode_ordinary(format_completion(
+                                        f"The {t} is {c}." if things.index(t) % 2 else
+                                        f"The {t} is {c}, as the context says.")),
                                     "rejected_ids": enc.encode_ordinary(format_completion(
                                         f"It is {wrong}, I think" if rng.random() < 0.5 else wrong))}) + "\n")
     with open(os.path.join(directory, "meta.json"), "w") as f:

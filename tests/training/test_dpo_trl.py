@@ -50,11 +50,12 @@ def setup(tmp_path_factory, write_preference_data):
     return root, config, rows, val_rows
 
 
-def run_ours(root, loss_type, lora_r, lr, beta):
-    name = f"{loss_type}_{lora_r}"
+def run_ours(root, loss_type, lora_r, lr, beta, sft_weight=0.0):
+    name = f"{loss_type}_{lora_r}_{sft_weight}"
     finetune_dpo.main([f"--pretrained_ckpt={root / 'base'}", f"--data_dir={root / 'data'}",
                        f"--ckpt_dir={root / name / 'ck'}", f"--log_dir={root / name / 'runs'}",
                        f"--loss_type={loss_type}", f"--beta={beta}", f"--lora_r={lora_r}", "--lora_alpha=16",
+                       f"--sft_weight={sft_weight}",
                        f"--lora_targets={','.join(TARGETS)}", f"--micro_batch_size={BATCH}",
                        "--gradient_accum_steps=1", f"--max_lr={lr}", f"--min_lr={lr}", "--warmup_steps=0",
                        "--weight_decay=0", "--adamw_betas=0.9,0.95", "--grad_clip=1.0", f"--seed={SEED}",
@@ -72,7 +73,7 @@ class PreTokenized(trl.DPOTrainer):
         return dataset
 
 
-def run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta):
+def run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta, sft_weight=0.0):
     import datasets
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(config)))
     base = load_model(root / "base")
@@ -95,7 +96,9 @@ def run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta):
                          lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
                          adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
                          logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], beta=beta,
-                         loss_type=[loss_type], use_cpu=True, train_sampling_strategy="sequential",
+                         loss_type=[loss_type, "sft"] if sft_weight else [loss_type],
+                         loss_weights=[1.0, sft_weight] if sft_weight else None, use_cpu=True,
+                         train_sampling_strategy="sequential",
                          max_length=None, bf16=False, seed=SEED, disable_dropout=True, dataloader_num_workers=0,
                          per_device_eval_batch_size=BATCH)
     tokenizer = transformers.GPT2TokenizerFast.from_pretrained(root / "tokenizer")
@@ -106,20 +109,22 @@ def run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta):
     return logs, trainer.evaluate(eval_dataset=datasets.Dataset.from_list(val_rows))
 
 
-CASES = [("sigmoid", 0, 1e-3), ("ipo", 0, 1e-3), ("hinge", 0, 1e-3),
-         ("sigmoid", 4, 1e-2), ("ipo", 4, 1e-2), ("hinge", 4, 1e-2)]
+# (loss, LoRA rank, lr, sft_weight): the last adds TRL's "sft" term (RPO) with weight 0.5
+CASES = [("sigmoid", 0, 1e-3, 0.0), ("ipo", 0, 1e-3, 0.0), ("hinge", 0, 1e-3, 0.0),
+         ("sigmoid", 4, 1e-2, 0.0), ("ipo", 4, 1e-2, 0.0), ("hinge", 4, 1e-2, 0.0), ("sigmoid", 0, 1e-3, 0.5)]
 
 
-@pytest.mark.parametrize("loss_type,lora_r,lr", CASES, ids=[f"{t}-{'lora' if r else 'full'}" for t, r, _ in CASES])
-def test_dpo_equals_trl_step_for_step(setup, loss_type, lora_r, lr):
+@pytest.mark.parametrize("loss_type,lora_r,lr,sft_weight", CASES,
+                         ids=[f"{t}-{'lora' if r else 'full'}{'-sft' if w else ''}" for t, r, _, w in CASES])
+def test_dpo_equals_trl_step_for_step(setup, loss_type, lora_r, lr, sft_weight):
     # IPO's loss sits near (1 / (2 beta))^2: at beta 0.1 that is 25, where fp32 resolves only ~2e-6; at 0.5, 1.
     beta = 0.5 if loss_type == "ipo" else 0.1
     root, config, rows, val_rows = setup
     torch.set_num_threads(1)
-    ours, ours_eval = run_ours(root, loss_type, lora_r, lr, beta)
-    theirs, theirs_eval = run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta)
+    ours, ours_eval = run_ours(root, loss_type, lora_r, lr, beta, sft_weight)
+    theirs, theirs_eval = run_trl(root, config, rows, val_rows, loss_type, lora_r, lr, beta, sft_weight)
     assert len(ours) == len(theirs) == STEPS
-    if loss_type == "sigmoid":
+    if loss_type == "sigmoid" and not sft_weight:
         assert abs(ours[0]["loss"] - math.log(2)) < 1e-6  # dropout off: policy = reference at step 1
     for step, (a, b) in enumerate(zip(ours, theirs), 1):
         for k in METRICS:
@@ -133,7 +138,9 @@ def test_dpo_equals_trl_step_for_step(setup, loss_type, lora_r, lr):
         assert abs(ours_eval[k] - theirs_eval[k]) <= tol, f"{k}: ours {ours_eval[k]:.7f} vs TRL {theirs_eval[k]:.7f}"
     # It learned: the comparison is between two models that moved, not two frozen ones.
     assert ours[-1]["rewards/margins"] > ours[0]["rewards/margins"] + 0.05
-    with open(root / f"{loss_type}_{lora_r}" / "runs" / "metrics.jsonl") as f:
+    if sft_weight:  # the loss is DPO's ln 2 plus 0.5 x the chosen tokens' NLL (~10.4 for a random 50k-vocab model)
+        assert ours[0]["loss"] > math.log(2) + 0.5 * 5
+    with open(root / f"{loss_type}_{lora_r}_{sft_weight}" / "runs" / "metrics.jsonl") as f:
         assert "rewards/accuracies" in json.loads(f.readline())
 
 

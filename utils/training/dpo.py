@@ -8,6 +8,8 @@ TRL's DPOTrainer computes it, so that its numbers (and its metric names) carry o
     ipo:      (chosen_lr / |chosen| - rejected_lr / |rejected| - 1 / (2 beta))^2   (per-token averages, as TRL)
     rewards/chosen = beta chosen_lr, rewards/rejected = beta rejected_lr, accuracies = [chosen > rejected],
     margins = their difference, logps/* = the policy's summed log-probabilities; the loss is the mean over pairs.
+    sft_weight w > 0 adds w x the chosen answers' negative log-likelihood per token of each micro-batch (RPO,
+    Pang et al., 2024; TRL: loss_type=[<loss>, "sft"], loss_weights=[1, w]): it keeps the chosen answers likely.
 
 Chosen and rejected rows go through the model in one forward (custom_dataset.PreferenceBatch). The reference
 is the model the run starts from: with LoRA the same model with its adapter switched off (no second copy),
@@ -144,8 +146,13 @@ class DPO:
         policy = answer_logps(model, batch)
         reference = self._reference_logps(model, batch, split)
         n_answer = per_sequence(batch, (batch.labels != IGNORE_INDEX).long())
-        return preference_loss(policy, reference, n_answer, self.cfg.beta, self.cfg.loss_type,
-                               self.cfg.label_smoothing)
+        losses, metrics = preference_loss(policy, reference, n_answer, self.cfg.beta, self.cfg.loss_type,
+                                          self.cfg.label_smoothing)
+        if self.cfg.sft_weight:
+            # The batch's chosen-answer NLL per token, added to every pair's loss (so once to their mean), as TRL.
+            nll = -policy.chunk(2)[0].sum() / n_answer.chunk(2)[0].sum().clamp(min=1)
+            losses = losses + self.cfg.sft_weight * nll
+        return losses, metrics
 
     def loss(self, model, batch):
         """(loss summed over the batch's pairs, {metric: sum over its pairs})."""
