@@ -25,11 +25,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # Sizes: "laptop" is the real quickstart; "tiny" is the same chain at test size.
 # The fine-tuning stage uses a few chatterbot files (ft_files): small enough that a 16M-parameter model
 # learns their answers by heart in a couple of minutes on a CPU, which the answers stage then checks.
+# Its examples are packed (--pack=true): unpacked, 63% of its batches were padding. Learning them by heart
+# takes ~250 optimizer steps of ~32 examples (fewer examples a step, or fewer steps, left 3-7 of 12 unlearnt),
+# so the packed rows a step (ft_micro, ~2.8 examples each) and the epochs are set for that.
 CHAT_FILES = ["botprofile", "greetings", "conversations", "humor", "food"]
 SIZES = {
-    "laptop": dict(model="gpt2-mini", seq=128, micro=16, steps=200, warmup=20, lr=3e-3, eval_interval=100,
-                   plays=None, bible=True, prepare_flags=[], ft_files=CHAT_FILES, ft_seq=128, ft_micro=16,
-                   ft_epochs=50, ft_lr=6e-3, new_tokens=40, n_trained=12, n_unseen=4),
+    "laptop": dict(model="gpt2-mini", seq=128, micro=8, steps=180, warmup=20, lr=3e-3, eval_interval=100,
+                   plays=None, bible=True, prepare_flags=[], ft_files=CHAT_FILES, ft_seq=128, ft_micro=12,
+                   ft_epochs=80, ft_lr=6e-3, new_tokens=40, n_trained=12, n_unseen=4),
     "tiny": dict(model="gpt2-tiny", seq=64, micro=4, steps=12, warmup=2, lr=3e-3, eval_interval=6,
                  plays=3, bible=False, prepare_flags=["--split_paragraphs"], ft_files=CHAT_FILES, ft_seq=128,
                  ft_micro=4, ft_epochs=1, ft_lr=1e-3, new_tokens=12, ft_steps=6, n_trained=10, n_unseen=2),
@@ -225,12 +228,16 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "quickstart"),
                    help="where everything is written (default: quickstart/)")
     p.add_argument("--size", choices=sorted(SIZES), default="laptop", help="laptop (default) or tiny (test size)")
-    p.add_argument("--nproc", type=int, default=0, help="processes per training run (default: the GPUs, else 2)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="processes per training run (default: the GPUs; on a CPU 2 for pretraining, 1 for LoRA)")
     args = p.parse_args(argv)
     s = SIZES[args.size]
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     nproc = args.nproc or gpu_count() or 2
+    # On a CPU the LoRA stage runs in one process using every core: its steps are small, and two processes
+    # spend a third of each step exchanging the trained embeddings (0.92 vs 0.66 s a step, BENCHMARKS.md).
+    ft_nproc = args.nproc or gpu_count() or 1
     device = "auto"
     st = Stages(f"{out}/summary.json", size=args.size, nproc=nproc)
     print(f"miniGPT quickstart ({args.size}): outputs in {out}; training on {nproc} process(es), "
@@ -297,7 +304,7 @@ def main(argv=None):
     print(f"examples: train {meta['splits']['train']['examples']:,}, val {meta['splits']['val']['examples']:,}")
     st.note(train_examples=meta["splits"]["train"]["examples"], val_examples=meta["splits"]["val"]["examples"])
 
-    st.begin(8, "finetune_lora", f"finetune_lora.py on {nproc} processes: LoRA (and the token embeddings) "
+    st.begin(8, "finetune_lora", f"finetune_lora.py on {ft_nproc} process(es): LoRA (and the token embeddings) "
                                  "on the pretrained model")
     lora_ckpt, lora_logs = f"{out}/checkpoints/lora", f"{out}/runs/lora"
     if not st.done(f"{lora_ckpt}/final", "the LoRA adapter"):
@@ -306,13 +313,13 @@ def main(argv=None):
         # template's "###", "User", "END", modern words); their logits only rise if the embeddings train too.
         run("finetune_lora.py", f"--pretrained_ckpt={pre_ckpt}/final", f"--data_dir={ft_built}",
             f"--max_seq_length={s['ft_seq']}", f"--micro_batch_size={s['ft_micro']}", "--gradient_accum_steps=1",
-            f"--num_epochs={s['ft_epochs']}", f"--max_lr={s['ft_lr']}", f"--min_lr={s['ft_lr'] / 10}",
+            f"--num_epochs={s['ft_epochs']}", f"--max_lr={s['ft_lr']}", f"--min_lr={s['ft_lr'] / 10}", "--pack=true",
             "--warmup_steps=10", "--lora_r=16", "--lora_alpha=32",
             "--lora_targets=q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj", "--train_embeddings=true",
             "--embed_dropout=0", "--attn_dropout=0", "--resid_dropout=0", "--lora_dropout=0",
             "--eval_interval=100", "--eval_iters=10", "--ckpt_interval=100", "--log_interval=25",
             f"--ckpt_dir={lora_ckpt}", f"--log_dir={lora_logs}", f"--device={device}", "--resume=auto", *extra,
-            nproc=nproc)
+            nproc=ft_nproc)
     print(training_figures(lora_logs))
     st.note(eval_loss=round(last_eval_loss(lora_logs), 4))
 
