@@ -1,7 +1,7 @@
 """What pretrain.py --doc_mask=true changes, measured small: validation loss after the same steps, and speed.
 
     python bench/doc_mask_pretrain.py                  # gpt2-mini, windows of 256, micro-batch 8, 150 steps
-    python bench/doc_mask_pretrain.py --corpora dialogues --model_type gpt2-tiny --seq_len 128 --steps 30
+    python bench/doc_mask_pretrain.py --corpora dialogues --model_type gpt2-tiny --seq_len 128 --steps 150
 
 Two pretraining corpora built with the repo's own scripts from the sample corpora (make_sample_corpora.py):
 - "books": Shakespeare's plays and the books of the King James Bible: long documents (tens of thousands
@@ -103,6 +103,7 @@ def main():
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (pretrain.py's default is 16)")
     p.add_argument("--eval_batches", type=int, default=20)
     p.add_argument("--speed_repeats", type=int, default=5)
     args = p.parse_args()
@@ -118,7 +119,8 @@ def main():
             procs.append(subprocess.Popen(
                 [sys.executable, os.path.join(REPO, "pretrain.py"), f"--model_type={args.model_type}",
                  f"--max_seq_length={args.seq_len}", f"--data_dir={data_dir}", f"--micro_batch_size={args.batch_size}",
-                 f"--max_train_iters={args.steps}", "--max_lr=1e-3", "--min_lr=1e-4", "--warmup_steps=10",
+                 f"--gradient_accum_steps={args.accum}", f"--max_train_iters={args.steps}", "--max_lr=1e-3",
+                 "--min_lr=1e-4", "--warmup_steps=10",
                  "--eval_interval=0", "--eval_iters=2", "--device=cpu", "--mixed_precision=false", "--cpu_threads=1",
                  f"--doc_mask={str(doc_mask).lower()}", f"--ckpt_dir={runs[doc_mask]}/ckpt",
                  f"--log_dir={runs[doc_mask]}/runs", "--ckpt_interval=0"],
@@ -133,7 +135,8 @@ def main():
         plain_s, masked_s, eots = speed(models[False], data_dir, args)
         rows.append((name, scores, plain_s, masked_s, eots))
 
-    print(f"\n### {args.model_type}, windows of {args.seq_len}, micro-batch {args.batch_size}, {args.steps} steps; "
+    print(f"\n### {args.model_type}, windows of {args.seq_len}, micro-batch {args.batch_size} x {args.accum} "
+          f"accumulation, {args.steps} steps; "
           f"val loss over {args.eval_batches} x {args.batch_size} windows\n")
     print("| corpus | documents starting per window | trained | val loss, scored plain | val loss, scored "
           "doc-masked | step s plain | step s doc-masked |")
