@@ -50,6 +50,11 @@ def test_packed_step_equals_unpacked(setup, loss_type, extra):
     assert abs(steps[2]["rewards/margins"]) > 1e-3  # step 2: the policy has moved, the rewards are not all 0
     for s in (1, 2):
         for k in METRICS:
+            if s == 1 and k == "rewards/accuracies":
+                # policy = reference: every reward is 0 up to rounding (the precomputed reference ran unpacked,
+                # the policy packed), and [chosen > rejected] flips on that rounding; the rewards are checked
+                assert abs(steps[1]["rewards/margins"]) < 1e-5
+                continue
             assert abs(packed[s][k] - steps[s][k]) <= 1e-5, (s, k, packed[s][k], steps[s][k])
     for k in METRICS:  # the evaluation (by pair, unpacked) of the two runs' final models
         assert abs(packed_evals[2][f"eval_{k}"] - evals[2][f"eval_{k}"]) <= 1e-5, k
