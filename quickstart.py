@@ -239,7 +239,7 @@ def main(argv=None):
     # spend a third of each step exchanging the trained embeddings (0.92 vs 0.66 s a step, BENCHMARKS.md).
     ft_nproc = args.nproc or gpu_count() or 1
     device = "auto"
-    st = Stages(f"{out}/summary.json", size=args.size, nproc=nproc)
+    st = Stages(f"{out}/summary.json", size=args.size, nproc=nproc, lora_nproc=ft_nproc)
     print(f"miniGPT quickstart ({args.size}): outputs in {out}; training on {nproc} process(es), "
           f"{'GPU' if gpu_count() else 'CPU'}")
 
