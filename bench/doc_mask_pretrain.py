@@ -29,13 +29,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.common import script  # noqa: E402
 from custom_dataset import PretrainLoader  # noqa: E402
 from utils.checkpoints.model import load_model  # noqa: E402
-
-
-def script(name, *args):
-    subprocess.run([sys.executable, os.path.join(REPO, name), *map(str, args)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
 
 
 def build_corpora(work, which):

@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.common import script  # noqa: E402
 
 
 def make_pairs(examples_path, negatives, seed):
@@ -40,13 +40,6 @@ def make_pairs(examples_path, negatives, seed):
             pair.update({k: ex[k] for k in ("context", "history") if ex.get(k)})
             pairs.append(pair)
     return pairs
-
-
-def script(*args, nproc=1):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                              if nproc > 1 else []) + [str(a) for a in args]
-    print("$ " + " ".join(cmd[1:] if nproc == 1 else ["torchrun"] + cmd[3:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": REPO})
 
 
 def main():
@@ -79,9 +72,10 @@ def main():
     pairs = make_pairs(f"{qs}/finetune_clean/examples.jsonl", args.negatives, args.seed)
     with open(f"{args.out}/raw/pairs.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in pairs)
-    script("prepare_data_finetune.py", "--input", f"{args.out}/raw/pairs.jsonl", "--output", f"{args.out}/prepared")
+    script("prepare_data_finetune.py", "--input", f"{args.out}/raw/pairs.jsonl", "--output", f"{args.out}/prepared",
+           quiet=False)
     script("build_finetune_datasets.py", "--input", f"{args.out}/prepared", "--output", f"{args.out}/built",
-           "--max_seq_len", 128, "--val_fraction", 0.1)
+           "--max_seq_len", 128, "--val_fraction", 0.1, quiet=False)
     print("\nbefore DPO:", flush=True)
     before = answers_demo(merged, ft_built, 12, 4, 40)
     t0 = time.time()
@@ -91,15 +85,17 @@ def main():
            f"--min_lr={args.max_lr / 10}", f"--num_epochs={args.epochs}", f"--lora_r={args.lora_r}",
            f"--micro_batch_size={args.micro_batch_size}", "--gradient_accum_steps=1", "--warmup_steps=5",
            "--max_seq_length=128", "--eval_interval=25", "--eval_iters=100", "--ckpt_interval=1000",
-           "--log_interval=25", f"--ckpt_dir={args.out}/ckpt", f"--log_dir={args.out}/runs", nproc=args.nproc)
+           "--log_interval=25", f"--ckpt_dir={args.out}/ckpt", f"--log_dir={args.out}/runs",
+           nproc=args.nproc, quiet=False)
     seconds = time.time() - t0
     final = f"{args.out}/ckpt/final"
     if args.lora_r:
-        script("convert_lora_checkpoint.py", "--base", merged, "--lora", final, "--output", f"{args.out}/merged")
+        script("convert_lora_checkpoint.py", "--base", merged, "--lora", final, "--output", f"{args.out}/merged",
+               quiet=False)
         final = f"{args.out}/merged"
     print("\nafter DPO:", flush=True)
     after = answers_demo(final, ft_built, 12, 4, 40)
-    _, evals = read_metrics(f"{args.out}/runs")
+    train_steps, evals = read_metrics(f"{args.out}/runs")
     steps = sorted(evals)
     acc = [evals[s]["eval_rewards/accuracies"] for s in steps]
     with open(f"{args.out}/built/meta.json") as f:
@@ -108,7 +104,7 @@ def main():
     setting += [f"sft_weight {args.sft_weight:g}"] * bool(args.sft_weight)
     setting += [f"LoRA r {args.lora_r}"] * bool(args.lora_r)
     shown = sorted({steps[0], steps[min(1, len(steps) - 1)], steps[-1]})
-    n_steps = max(read_metrics(f"{args.out}/runs")[0])
+    n_steps = max(train_steps)
     cells = [str(args.negatives), f"{splits['train']['examples']} / {splits['val']['examples']}", ", ".join(setting),
              f"{args.epochs}, {n_steps}",
              " -> ".join(f"{evals[s]['eval_rewards/accuracies']:.2f} (step {s})" for s in shown)

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,15 +39,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.common import script  # noqa: E402
 from custom_dataset import IGNORE_INDEX, FinetuneLoader  # noqa: E402
 from models.gpt2 import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from utils.prompt_template import format_completion, format_prompt  # noqa: E402
 from utils.tokenizer import get_tokenizer  # noqa: E402
-
-
-def script(name, *args):
-    subprocess.run([sys.executable, os.path.join(REPO, name), *map(str, args)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
 
 
 def build_data(work, max_seq_len):

@@ -134,3 +134,13 @@ def test_the_shipped_configs_pass_the_check():
     from configs.pretrain import PretrainConfig
     for cls in (PretrainConfig, FinetuneConfig, FinetuneLoRAConfig, DemoConfig):
         check_config_class(cls)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sft_weight=-1"], "--sft_weight must be >= 0, got -1.0"),
+    (["--beta=0"], "--beta must be > 0"),
+    (["--loss_type=ipo", "--label_smoothing=0.1"], "--label_smoothing applies to --loss_type=sigmoid only"),
+])
+def test_dpo_settings_out_of_range_are_one_line(capsys, argv, fragment):
+    from configs.finetune_dpo import FinetuneDPOConfig
+    assert fragment in one_line_exit(capsys, FinetuneDPOConfig, argv)
