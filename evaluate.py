@@ -96,8 +96,7 @@ def load(args, device):
     model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     if args.quantize == "int8":
         from utils.generation.quantize import quantize_int8
-        # "dequant": the int8 weights times their scales in the activations' dtype, exactly, at any batch size
-        quantize_int8(model, kernel="dequant")
+        quantize_int8(model)  # the kernel generate_*.py --quantize int8 decodes with: the same numbers
     return model
 
 

@@ -191,13 +191,15 @@ class StaticKVCache:
     (softmax gives it weight 0, and 0 * NaN would be NaN). Positions past the current one may hold
     stale values; each forward writes its own positions before attending, so they are never read.
     `pos` (T,) are the positions of the T tokens; `logit_index` which of the T positions get logits.
+    `span` (A,): a forward attends to the first A positions only (its size is all that is read; A covers
+    pos). Reading the whole buffer instead made attention a fifth of a gpt2 step on CPU at L = 512.
     """
 
-    def __init__(self, k, v, pos, logit_index):
+    def __init__(self, k, v, pos, logit_index, span):
         self.k, self.v = k, v  # one (B, nh, L, hs) buffer per layer each
         self.pos, self.logit_index = pos, logit_index
-        L = k[0].size(2)
-        self.attn_mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, T, L)
+        self.span = span.size(0)
+        self.attn_mask = (torch.arange(self.span, device=pos.device)[None, :] <= pos[:, None])[None, None]  # (1,1,T,A)
         self.layer = 0
 
     @staticmethod
@@ -218,7 +220,7 @@ class StaticKVCache:
         k_all[:, :, self.pos] = k.to(k_all.dtype)
         v_all[:, :, self.pos] = v.to(v_all.dtype)
         self.layer += 1
-        return k_all, v_all
+        return k_all[:, :, :self.span], v_all[:, :, :self.span]  # (B, nh, A, hs)
 
     def advance(self, T):
         pass
@@ -310,7 +312,15 @@ class GPT2LMHeadModel(nn.Module):
             x = cache.logit_positions(x)  # only the positions generation samples from: no lm_head over the prompt
         x = self.transformer.ln_f(x)
         if targets is not None and not return_logits and reduction in ("mean", "sum", "none"):
-            loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, reduction)
+            if isinstance(self.lm_head, nn.Linear):
+                loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, reduction)
+            else:  # a replaced head (int8: utils/generation/quantize.py) computes its own logits, a row at a time
+                losses = torch.stack([F.cross_entropy(self.lm_head(xr)[:, :self.config.vocab_size].float(), tr,
+                                                      ignore_index=IGNORE_INDEX, reduction="none")
+                                      for xr, tr in zip(x, targets)])  # (B, T)
+                loss = losses if reduction == "none" else losses.sum()
+                if reduction == "mean":
+                    loss = loss / (targets != IGNORE_INDEX).sum()
             return None, loss  # "none": (B, T) per-token losses, 0 where the target is -100
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:
@@ -460,13 +470,15 @@ class GPT2LMHeadModel(nn.Module):
 
     # ------------------------------------------------------------------------- the static-cache decoder
 
-    def forward_static(self, idx, pos, logit_index, k, v):
-        """idx (B, T) at positions pos (T,) into the static cache buffers k, v -> logits (B, len(logit_index), V).
+    def forward_static(self, idx, pos, logit_index, k, v, span):
+        """idx (B, T) at positions pos (T,) into the static cache buffers k, v, attending to the first
+        len(span) positions -> logits (B, len(logit_index), V).
 
         The one function prepare_for_decode compiles (prefill, decode step and speculative check are
-        its three shapes); every argument is a tensor, so nothing about a position is baked into it.
+        its three shapes); every argument is a tensor, so nothing about a position is baked into it,
+        and span's length is a dynamic dimension (see _spans): one compiled step for every position.
         """
-        logits, _ = self(idx, cache=StaticKVCache(k, v, pos, logit_index))
+        logits, _ = self(idx, cache=StaticKVCache(k, v, pos, logit_index, span))
         return logits
 
     def _static_logits(self, seq, max_new_tokens, plan, speculate):
@@ -484,6 +496,7 @@ class GPT2LMHeadModel(nn.Module):
         k, v = plan["cache"](self, B, L)
         prefill, step = plan["prefill"], plan["step"]
         device = seq.device
+        span = _spans(L, device)
 
         def fill(seq):
             ctx = seq[:, -L:]
@@ -491,22 +504,22 @@ class GPT2LMHeadModel(nn.Module):
             P = _bucket(max(n, 16), L)
             padded = torch.nn.functional.pad(ctx, (0, P - n))
             pos = torch.arange(P, device=device)
-            return prefill(padded, pos, torch.tensor([n - 1], device=device), k, v), n
+            return prefill(padded, pos, torch.tensor([n - 1], device=device), k, v, span(P)), n
 
         logits, cur = fill(seq)
         last = torch.zeros(1, dtype=torch.long, device=device)
         if speculate:
-            yield from self._speculate(seq, logits, cur, L, k, v, plan)
+            yield from self._speculate(seq, logits, cur, L, k, v, plan, span)
             return
         while True:
             seq = yield logits
             if cur >= L:  # the window is full: recompute it, as the dynamic cache does
                 logits, cur = fill(seq)
                 continue
-            logits = step(_last_token(seq), torch.tensor([cur], device=device), last, k, v)
+            logits = step(_last_token(seq), torch.tensor([cur], device=device), last, k, v, span(cur + 1))
             cur += 1
 
-    def _speculate(self, seq, logits, cur, L, k, v, plan, draft_len=8):
+    def _speculate(self, seq, logits, cur, L, k, v, plan, span, draft_len=8):
         """Greedy decoding that checks up to `draft_len` drafted tokens per forward (prompt lookup decoding).
 
         Draft: the tokens that followed the latest earlier occurrence of the sequence's last n-gram
@@ -531,19 +544,22 @@ class GPT2LMHeadModel(nn.Module):
             if cur >= L:
                 plain = plan["prefill"]  # the window is full: recompute it, as plain decoding does
                 ctx = sent[:, -L:]
-                logits = plain(ctx, torch.arange(L, device=device), torch.tensor([L - 1], device=device), k, v)
+                logits = plain(ctx, torch.arange(L, device=device), torch.tensor([L - 1], device=device), k, v,
+                               span(L))
                 new = [int(logits[0, -1].float().argmax())]
                 cur = L
                 stats["forwards"] += 1
                 continue
             if not draft:
-                logits = plan["step"](_last_token(sent), torch.tensor([cur], device=device), last, k, v)
+                logits = plan["step"](_last_token(sent), torch.tensor([cur], device=device), last, k, v,
+                                      span(cur + 1))
                 new, cur = [int(logits[0, -1].float().argmax())], cur + 1
                 stats["forwards"] += 1
                 continue
             block = [tokens[-1]] + draft + [draft[-1]] * (draft_len - len(draft))
             logits = plan["verify"](torch.tensor([block], device=device),
-                                    torch.arange(cur, cur + draft_len + 1, device=device), all_index, k, v)
+                                    torch.arange(cur, cur + draft_len + 1, device=device), all_index, k, v,
+                                    span(cur + draft_len + 1))
             greedy = logits[0].float().argmax(-1).tolist()  # greedy[i]: the token after block[i]
             a = 0
             while a < len(draft) and draft[a] == greedy[a]:
@@ -568,6 +584,22 @@ def _last_token(seq):
     """(B, 1) last tokens with strides of their own: a view's strides follow seq's length, and a
     compiled step would be recompiled for every new stride."""
     return seq[:, -1:].clone(memory_format=torch.contiguous_format)
+
+
+SPAN_BLOCK = 64  # a forward on the static cache attends to the written positions rounded up to this
+
+
+def _spans(L, device):
+    """span(n) -> a (A,) tensor, A = n rounded up to SPAN_BLOCK (at most L): how many cache positions a
+    forward attends to. Only its size is used, and it is marked dynamic, so torch.compile makes one
+    graph for every A (rounding keeps CUDA graphs, recorded per size, to L / SPAN_BLOCK of them)."""
+    buffer = torch.empty(L, dtype=torch.int8, device=device)
+
+    def span(n):
+        view = buffer[:min(L, -(-n // SPAN_BLOCK) * SPAN_BLOCK)]
+        torch._dynamo.maybe_mark_dynamic(view, 0)
+        return view
+    return span
 
 
 def _bucket(n, cap):

@@ -13,7 +13,7 @@ import transformers
 from models.gpt2 import GPT2Config, GPT2LMHeadModel, lookup_draft
 from utils.checkpoints.hf_mapping import config_to_hf, hf_to_ours
 from utils.generation.loading import prepare_for_decode
-from utils.generation.quantize import Int8Linear, quantize_int8
+from utils.generation.quantize import Int8Linear, quantize_int8, w8a8_available
 from utils.generation.streaming import stream_tokens
 
 
@@ -56,6 +56,61 @@ def test_int8_linear_equals_hand_computation():
     assert (y.double() - hand1).abs().max().item() < 2e-2 * hand1.abs().max().item()
 
 
+class HandW8A8(torch.nn.Module):
+    """The CPU int8 kernel's numbers written out in float64: the input row's values rounded to 127 even
+    steps between the row's min and max, times the dequantised weights."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().double()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        self.w = torch.round(w / scale).clamp(-127, 127) * scale
+        self.b = None if linear.bias is None else linear.bias.detach().double()
+
+    def forward(self, x):
+        xd = x.double()
+        lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+        step = (hi - lo) / 127
+        rounded = torch.where(step > 0, lo + torch.round((xd - lo) / step) * step, xd)  # a constant row is exact
+        y = rounded @ self.w.T
+        return (y if self.b is None else y + self.b).to(x.dtype)
+
+
+def w8a8_reference(model):
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, attr, HandW8A8(m))
+    return ref
+
+
+needs_w8a8 = pytest.mark.skipif(not w8a8_available(), reason="fbgemm's int8 GEMM is for x86 CPUs")
+
+
+@needs_w8a8
+def test_w8a8_linear_equals_hand_computation_row_by_row():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    q = Int8Linear.from_linear(linear, kernel="w8a8")
+    x = torch.randn(3, 5, 96)
+    x[0, 0] = 0.25  # a constant row: zero width between its min and max
+    hand = HandW8A8(linear)(x.double())
+    y = q(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 5, 40)
+    assert (y.double() - hand).abs().max().item() < 1e-5 * hand.abs().max().item()
+    # by hand once more, from the int8 weights: codes in [0, 127], x ~= lo + codes * step
+    row = x[1, 2].double()
+    lo, step = row.min(), (row.max() - row.min()) / 127
+    codes = torch.round((row - lo) / step)
+    assert codes.min() == 0 and codes.max() == 127
+    w = q.weight_int8.double() * q.scale.double()[:, None]
+    assert torch.allclose(y[1, 2].double(), (lo + codes * step) @ w.T + linear.bias.double(), rtol=0, atol=1e-5)
+    # each row is quantised alone: a row's result does not depend on the rows beside it (speculation, batches)
+    assert torch.equal(q(x[1:2, 2:3]), y[1:2, 2:3])
+    assert torch.equal(copy.deepcopy(q)(x), y)  # a copy packs its own weights
+
+
 def dequantised_reference(model):
     """An fp32 model whose Linear weights (and LM head) are W_int8 * scale, computed here by hand."""
     ref = copy.deepcopy(model)
@@ -88,6 +143,21 @@ def test_quantised_logits_equal_dequantised_reference():
         _, loss = exact(idx, targets=y, return_logits=False)
         _, ref_loss = ref(idx, targets=y)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+
+
+@needs_w8a8
+def test_w8a8_model_logits_equal_hand_reference():
+    model = tiny()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        got, _ = quantize_int8(copy.deepcopy(model), kernel="w8a8")(idx)
+        expected, _ = w8a8_reference(model)(idx)
+        fp32, _ = model(idx)
+    # Float rounding can move an input across a half step (one code, one step x one weight): rare, so
+    # the typical logit is exact while the max is not.
+    diff = (got - expected).abs()
+    assert diff.median().item() < 1e-5 and diff.max().item() < 1e-2 * expected.abs().max().item()
+    assert (got - fp32).abs().median().item() > 1e-3  # the activations' rounding shows everywhere
 
 
 # ------------------------------------------------------------------------------------- the cache
@@ -195,6 +265,29 @@ def test_speculative_equals_plain_greedy(prompt):
     assert streamed + [stop] == plain
 
 
+def test_int8_speculative_equals_int8_plain_greedy():
+    """Each row of a check is quantised alone, so the int8 model's drafts are checked with its own numbers."""
+    model = tiny(block_size=96)
+    prompt = torch.tensor([[464, 3290, 318, 257, 1332, 13, 383, 3290, 318, 257, 1332, 13, 383, 3290]])
+    plain = prepare_for_decode(copy.deepcopy(model), quantize="int8").generate(prompt, 60, temperature=0)
+    prepared = prepare_for_decode(copy.deepcopy(model), quantize="int8", speculate="lookup")
+    assert torch.equal(prepared.generate(prompt, 60, temperature=0), plain)
+    assert prepared.decode_plan["stats"]["accepted"] > 0
+
+
+def test_compiled_decoders_of_two_models_never_share_graphs():
+    """Dynamo does not re-check the model at each call (prepare_for_decode): each prepared model's decoder
+    has code objects of its own, so a second model of the same shape gets its own graphs, weights and
+    int8 packing, not the first one's."""
+    torch._dynamo.reset()
+    idx = torch.randint(0, 50257, (1, 6))
+    for seed in (1, 2):
+        model = tiny(seed=seed)
+        eager = prepare_for_decode(copy.deepcopy(model), quantize="int8").generate(idx, 10, temperature=0)
+        compiled = prepare_for_decode(copy.deepcopy(model), quantize="int8", compile="eager")
+        assert torch.equal(compiled.generate(idx, 10, temperature=0), eager)
+
+
 def test_speculation_refuses_sampling():
     prepared = prepare_for_decode(tiny(), speculate="lookup")
     with pytest.raises(ValueError, match="greedy"):
@@ -276,5 +369,6 @@ def test_evaluate_quantize_int8_scores_the_int8_weights(ckpt, tmp_path, write_pr
                    str(tmp_path / "data"), "--quantize", "int8", "--output", str(out), "--device", "cpu"])
     got = json.loads(out.read_text())
     assert got["quantize"] == "int8"
-    ref = val_loss(dequantised_reference(load_model(ckpt).eval()), str(tmp_path / "data"), limit=2)
+    reference = w8a8_reference if w8a8_available() else dequantised_reference  # what decoding computes
+    ref = val_loss(reference(load_model(ckpt).eval()), str(tmp_path / "data"), limit=2)
     assert got["results"]["val_loss"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)

@@ -15,12 +15,59 @@ The kernels, measured (bench/int8_matmul.py, BENCHMARKS.md "Decoding"):
 Many rows at once (prefill, evaluation) are compute-bound: there "dequant" is used everywhere, in
 the activations' dtype, so evaluation scores the int8 weights without bf16 activation rounding.
 """
+import itertools
+import warnings
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KERNELS = ("int8pack", "dequant")
-SMALL_ROWS = 16  # up to this many rows (decode steps, speculative checks) take the int8 kernel
+KERNELS = ("w8a8", "int8pack", "dequant")
+SMALL_ROWS = 16  # up to this many rows (decode steps, speculative checks) take the int8pack kernel
+
+
+# ------------------------------------------------------------------ the x86 int8 x int8 kernel (fbgemm)
+
+def w8a8_available() -> bool:
+    """fbgemm's int8 GEMM (torch's "x86" quantized engine): x86 CPUs with AVX2 or newer."""
+    return ("x86" in torch.backends.quantized.supported_engines
+            and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
+
+
+# fbgemm's packed weights are a torch.classes object, which dynamo cannot put in a graph; the op below
+# takes an integer key into this table instead, so the compiled decoder calls fbgemm directly.
+_PACKED = {}
+_keys = itertools.count()
+_LIB = torch.library.Library("minigpt", "DEF")
+_LIB.define("int8_codes_mm(Tensor codes, int key, int out_features) -> Tensor")
+
+
+def _int8_codes_mm(codes, key, out_features):
+    """codes (R, K) fp32 holding integers in [0, 127] -> (R, N) = codes @ (W_int8 * scale).T, by fbgemm."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default(codes, 1.0, 0, _PACKED[key])
+
+
+_LIB.impl("int8_codes_mm", _int8_codes_mm, "CPU")
+
+
+@torch.library.register_fake("minigpt::int8_codes_mm")
+def _(codes, key, out_features):
+    return codes.new_empty(codes.shape[0], out_features)
+
+
+def _pack_for_fbgemm(weight_int8, scale):
+    """fbgemm's packed layout of W_int8 with per-row scales (a copy: the int8 buffer stays for .weight)."""
+    zero = torch.zeros(scale.numel(), dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm still takes them
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(weight_int8.cpu(), scale.double().cpu(), zero, 0)
+        engine = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "x86"
+        try:
+            return torch.ops.quantized.linear_prepack(q, None)
+        finally:
+            torch.backends.quantized.engine = engine
 
 
 def quantize_per_channel(weight):
@@ -45,6 +92,21 @@ class Int8Linear(nn.Module):
         self.kernel, self.act_dtype = kernel, act_dtype
         # _weight_int8pack_mm takes its scales in the activations' dtype
         self.register_buffer("scale_act", scale.to(act_dtype) if kernel == "int8pack" else None)
+        # w8a8: sum_k W[n, k] (dequantised), for the activations' zero point
+        self.register_buffer("weight_sum", (weight_int8.float().sum(1) * scale) if kernel == "w8a8" else None)
+        self._pack()
+
+    def _pack(self):
+        """w8a8: pack the weights for fbgemm under a fresh key, dropped with this module (copies repack)."""
+        self.key = None
+        if self.kernel == "w8a8":
+            self.key = next(_keys)
+            _PACKED[self.key] = _pack_for_fbgemm(self.weight_int8, self.scale)
+            weakref.finalize(self, _PACKED.pop, self.key, None)
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle: the copy gets its own packed weights
+        super().__setstate__(state)
+        self._pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel="dequant", act_dtype=torch.bfloat16):
@@ -58,7 +120,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if self.kernel == "int8pack" and rows <= SMALL_ROWS:
+        if self.kernel == "w8a8":
+            y = self._w8a8(x.reshape(rows, self.in_features).float())
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        elif self.kernel == "int8pack" and rows <= SMALL_ROWS:
             x2 = x.reshape(rows, self.in_features).to(self.act_dtype)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale_act)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -68,12 +133,28 @@ class Int8Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _w8a8(self, x):
+        """x (R, K) fp32 -> (R, N): each row quantised on its own to 7-bit codes (asymmetric: the row's
+        min to max in 127 steps), multiplied by the int8 weights in fbgemm's int8 GEMM.
+
+        x ~= lo + codes * step, so x @ W.T ~= (codes @ W.T) * step + lo * sum_k W[:, k]. 7 bits, not 8:
+        AVX2 adds pairs of u8 x s8 products in int16, which 2 x 127 x 127 cannot overflow. Each row
+        is quantised alone, so a row's result does not depend on the other rows (batching, speculation).
+        """
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+        step = (hi - lo).clamp_min(1e-30) / 127                      # (R, 1)
+        codes = torch.round((x - lo) / step)                          # (R, K) integers in [0, 127]
+        return torch.ops.minigpt.int8_codes_mm(codes, self.key, self.out_features) * step + lo * self.weight_sum
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
 def default_kernel(device) -> str:
-    return "int8pack" if torch.device(device).type == "cpu" else "dequant"
+    """CPU: fbgemm's int8 GEMM where torch has it (x86), else int8pack; CUDA: dequant (fused by compile)."""
+    if torch.device(device).type != "cpu":
+        return "dequant"
+    return "w8a8" if w8a8_available() else "int8pack"
 
 
 def quantize_int8(model, kernel=None):
