@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, metavar="B",
                    help="rows per forward: contexts, then their packed continuations (default 32)")
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
-                   help="int8: score the model with int8 weight-only Linear layers and LM head, per-output-channel "
-                        "scales, as generate_*.py --quantize int8 decodes with (docs/decoding.md)")
+                   help="int8: score the model with int8 Linear layers and LM head, the same kernel "
+                        "generate_*.py --quantize int8 decodes with (docs/decoding.md)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda if available, else cpu")

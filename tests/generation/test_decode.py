@@ -265,8 +265,10 @@ def test_speculative_equals_plain_greedy(prompt):
     assert streamed + [stop] == plain
 
 
-def test_int8_speculative_equals_int8_plain_greedy():
-    """Each row of a check is quantised alone, so the int8 model's drafts are checked with its own numbers."""
+def test_int8_speculation_checks_drafts_with_the_int8_model():
+    """The check's rows go through the same int8 kernel as the one-row steps (each row quantised alone),
+    so on a prompt without near-ties the tokens are plain int8 greedy's. Near-ties can still round apart
+    in the attention (9 rows vs 1): docs/decoding.md, Limits."""
     model = tiny(block_size=96)
     prompt = torch.tensor([[464, 3290, 318, 257, 1332, 13, 383, 3290, 318, 257, 1332, 13, 383, 3290]])
     plain = prepare_for_decode(copy.deepcopy(model), quantize="int8").generate(prompt, 60, temperature=0)
@@ -333,7 +335,7 @@ def test_pretrained_flags_say_their_choice_and_decode_as_the_api(ckpt, capfd):
                               "--max_new_tokens", 24, "--quantize", "int8", "--speculate", "lookup", "--ignore_eot")
     assert rc == 0, err
     lines = err.strip().splitlines()
-    assert any(line.startswith("quantize: int8 weight-only") for line in lines)
+    assert any(line.startswith("quantize: int8, per-output-channel scales (") for line in lines)
     assert "compile: off (eager)" in lines and any(line.startswith("speculate: prompt lookup") for line in lines)
     assert lines[-1].startswith("total: 24 new tokens in ") and lines[-1].endswith("tokens/s")
     assert any(line.startswith("speculation: ") for line in lines)

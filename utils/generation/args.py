@@ -69,8 +69,8 @@ def check_args(args):
 
 def add_decode_args(p: argparse.ArgumentParser):
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
-                   help="int8: weight-only int8 Linear layers and LM head, one scale per output channel "
-                        "(a quarter of the weight bytes per token; docs/decoding.md)")
+                   help="int8: int8 Linear layers and LM head, one scale per output channel; on x86 CPUs the "
+                        "products run in int8 (each activation row quantised alone); docs/decoding.md")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder over a static KV cache (first call compiles: tens of seconds "
                         "on CPU, see docs/decoding.md); CUDA graphs on GPU")
@@ -92,10 +92,10 @@ def prepare_decoder(model, args):
     from utils.generation.quantize import default_kernel
     device = model.transformer.wte.weight.device
     if args.quantize == "int8":
-        kernel = default_kernel(device)
-        how = ("int8 kernel torch.ops.aten._weight_int8pack_mm, bf16 activations" if kernel == "int8pack"
-               else "dequantised into the matmul (fused by --compile)")
-        log(f"quantize: int8 weight-only, per-output-channel scales ({how})")
+        how = {"w8a8": "int8 weights x 7-bit activations per row, fbgemm's int8 GEMM",
+               "int8pack": "int8 weight-only, torch.ops.aten._weight_int8pack_mm with bf16 activations",
+               "dequant": "int8 weight-only, dequantised into the matmul (fused by --compile)"}[default_kernel(device)]
+        log(f"quantize: int8, per-output-channel scales ({how})")
     else:
         log(f"quantize: none ({args.dtype} weights)")
     log("compile: torch.compile over a static KV cache" + (" with CUDA graphs" if device.type == "cuda" else "")

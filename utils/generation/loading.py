@@ -43,11 +43,13 @@ def decode_layout(model):
 def prepare_for_decode(model, quantize=None, compile=False, speculate=None):
     """The model ready for `model.generate(idx, max_new_tokens, temperature=..., top_k=..., top_p=...)`.
 
-    quantize: None / "none", or "int8" (utils/generation/quantize.py: weight-only, per output channel).
+    quantize: None / "none", or "int8" (utils/generation/quantize.py: int8 weights, a scale per output
+      channel; on x86 CPUs int8 products with each activation row quantised alone, elsewhere weight-only).
     compile: torch.compile the decoder's forward over a static KV cache, once per shape: the prompt
       prefill (prompts right-padded to a power-of-two bucket), the one-token step, and the speculative
-      check; on CUDA with CUDA graphs (mode="reduce-overhead"). Nothing recompiles per token or per
-      prompt length within a bucket. Without compile the same static-cache path runs eagerly.
+      check; on CUDA with CUDA graphs. Nothing recompiles per token or per prompt length within a
+      bucket. Without compile the same static-cache path runs eagerly. The compiled decoder belongs
+      to this model, which must not change afterwards (dynamo does not re-check its modules).
       True means inductor; a torch.compile backend (a name such as "eager", or a callable) may be given (tests).
     speculate: None / "none", or "lookup" (prompt-lookup drafting, greedy only) as the default of
       `generate(..., speculate=...)`.
@@ -71,11 +73,11 @@ def prepare_for_decode(model, quantize=None, compile=False, speculate=None):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         backend = "inductor" if compile is True else compile
         # The decoder is compiled for this frozen model (each function's own code object, below), so
-        # dynamo need not re-check the model's modules at every call: a tenth of a gpt2 int8 step on CPU.
+        # dynamo need not re-check the model's modules at every call: 5-10% of a gpt2 int8 step on CPU.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
-            # CUDA: CUDA graphs (mode="reduce-overhead"). CPU: the graph's wrapper in C++, not Python, another
-            # tenth of a step (bench/generate_throughput.py); it costs a C++ compile on the first call.
+            # CUDA: CUDA graphs (what mode="reduce-overhead" sets). CPU: the graph's wrapper in C++, not Python
+            # (9% of a gpt2 int8 step in one comparison); it costs a C++ compile on the first call.
             options["triton.cudagraphs" if device.type == "cuda" else "cpp_wrapper"] = True
         forwards = {name: torch.compile(fn, backend=backend, dynamic=False, fullgraph=True, options=options)
                     for name, fn in forwards.items()}

@@ -1,19 +1,21 @@
-"""int8 weight-only quantisation for decoding: every nn.Linear of the blocks and the (untied) LM head.
+"""int8 for decoding: every nn.Linear of the blocks and the (untied) LM head.
 
 Per output channel c: scale[c] = max|W[c, :]| / 127, W_int8 = round(W / scale) in [-127, 127], so
-y = (x @ W_int8.T) * scale + b. Activations stay in floating point (weight-only: no calibration data).
+y = (x @ W_int8.T) * scale + b. No calibration data.
 
 Why it is faster: a batch-1 decode step reads every weight once and is bound by memory bandwidth;
-int8 weights are a quarter of fp32's bytes. That only pays with a kernel that reads the int8 bytes
-directly; dequantising to fp32 per call reads them and then writes and reads a full fp32 copy.
-The kernels, measured (bench/int8_matmul.py, BENCHMARKS.md "Decoding"):
-  * CPU: torch.ops.aten._weight_int8pack_mm. With fp32 activations it is 5-10x slower than a dense
-    fp32 matmul (AVX2 here; Zen 4 too), with bf16 activations it runs from the int8 bytes. So on CPU
-    the activation is cast to bf16 for the matmul and the result back to fp32 ("int8pack").
-  * CUDA: F.linear(x, W_int8.to(x.dtype)) * scale, which torch.compile fuses into one kernel that
-    reads int8 (gpt-fast's int8 path) ("dequant"). Eager CUDA dequantises per call: use --compile.
-Many rows at once (prefill, evaluation) are compute-bound: there "dequant" is used everywhere, in
-the activations' dtype, so evaluation scores the int8 weights without bf16 activation rounding.
+int8 weights are a quarter of fp32's bytes. That only pays with a kernel that multiplies the int8
+bytes as they come. The kernels, measured (bench/int8_matmul.py, BENCHMARKS.md "Decoding"):
+  * x86 CPUs: "w8a8", fbgemm's int8 GEMM (torch's "x86" quantized engine). Each activation row is
+    quantised on its own to 7-bit codes, so the product is integer arithmetic and a row's result does
+    not depend on its batch. gpt2, 1 thread, AVX2: 12 ms a token for all weights, against 23 ms for
+    "int8pack" and 28-34 ms dense fp32. Used at every batch size (evaluation scores these numbers).
+  * Other CPUs: "int8pack", torch.ops.aten._weight_int8pack_mm. With fp32 activations it is 5-10x
+    slower than a dense fp32 matmul (AVX2 here; Zen 4 too), with bf16 activations it runs from the
+    int8 bytes. So the activation is cast to bf16 for the matmul and the result back, for up to
+    SMALL_ROWS rows; more rows (prefill, evaluation) take "dequant".
+  * CUDA: "dequant", F.linear(x, W_int8.to(x.dtype)) * scale, which torch.compile fuses into one
+    kernel that reads int8 (gpt-fast's int8 path). Eager CUDA dequantises per call: use --compile.
 """
 import itertools
 import warnings
@@ -32,7 +34,8 @@ SMALL_ROWS = 16  # up to this many rows (decode steps, speculative checks) take 
 def w8a8_available() -> bool:
     """fbgemm's int8 GEMM (torch's "x86" quantized engine): x86 CPUs with AVX2 or newer."""
     return ("x86" in torch.backends.quantized.supported_engines
-            and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
+            and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+            and hasattr(torch, "_make_per_channel_quantized_tensor"))
 
 
 # fbgemm's packed weights are a torch.classes object, which dynamo cannot put in a graph; the op below
