@@ -65,7 +65,10 @@ def test_under_torchrun_the_summary_carries_the_error(case, tmp_path, repo):
     assert len(printed) == 1 and printed[0].startswith(message), proc.stderr
     root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
     assert f"  traceback : {printed[0]}\n" in root_cause, proc.stderr
-    assert "exitcode  : 2" in root_cause and "To enable traceback" not in proc.stderr, proc.stderr
+    # Both ranks hit the error and write it; the root cause is the earliest error file. That rank may still be
+    # exiting when torchrun stops it for the other rank's exit (its code is then -15, seen once in CI), so the
+    # exit code 2 is asserted on the report as a whole, not on the root-cause entry.
+    assert "exitcode  : 2 " in proc.stderr and "To enable traceback" not in proc.stderr, proc.stderr
 
 def test_each_trainer_refuses_the_other_kind_of_data(tmp_path, run_script, write_finetune_data,
                                                       write_preference_data):
