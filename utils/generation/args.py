@@ -89,13 +89,10 @@ def check_decode_args(args):
 def prepare_decoder(model, args):
     """prepare_for_decode with the scripts' flags; says each choice on its own line (stderr)."""
     from utils.generation.loading import prepare_for_decode
-    from utils.generation.quantize import default_kernel
+    from utils.generation.quantize import KERNELS, default_kernel
     device = model.transformer.wte.weight.device
     if args.quantize == "int8":
-        how = {"w8a8": "int8 weights x 7-bit activations per row, fbgemm's int8 GEMM",
-               "int8pack": "int8 weight-only, torch.ops.aten._weight_int8pack_mm with bf16 activations",
-               "dequant": "int8 weight-only, dequantised into the matmul (fused by --compile)"}[default_kernel(device)]
-        log(f"quantize: int8, per-output-channel scales ({how})")
+        log(f"quantize: int8, per-output-channel scales ({KERNELS[default_kernel(device)]})")
     else:
         log(f"quantize: none ({args.dtype} weights)")
     log("compile: torch.compile over a static KV cache" + (" with CUDA graphs" if device.type == "cuda" else "")

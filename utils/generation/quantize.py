@@ -25,7 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KERNELS = ("w8a8", "int8pack", "dequant")
+KERNELS = {  # name -> what it computes (the generation scripts print it)
+    "w8a8": "int8 weights x 7-bit activations per row, fbgemm's int8 GEMM",
+    "int8pack": "int8 weight-only, torch.ops.aten._weight_int8pack_mm with bf16 activations",
+    "dequant": "int8 weight-only, dequantised into the matmul (fused by --compile)",
+}
 SMALL_ROWS = 16  # up to this many rows (decode steps, speculative checks) take the int8pack kernel
 
 
